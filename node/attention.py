@@ -1,0 +1,125 @@
+"""Attention over the paged KV cache, plugged into transformers' own decoder layers.
+
+Layers get a ``PagedCache`` as their past_key_values/layer_past: its ``update`` writes the step's keys
+and values into the pool and returns every key/value of the step's sequences, gathered densely. Families
+that dispatch through transformers' AttentionInterface then call ``paged_attention`` (registered as
+``ATTENTION_NAME``), which applies the packed batch's block-diagonal causal mask, with the layer's sliding
+window. Families that bypass the interface run their own math over the same keys/values and the full
+causal mask that the executor passes as attention_mask.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from node.kv_cache import PagePool, SequenceCache
+
+ATTENTION_NAME = "swarm_paged"
+
+
+@dataclass
+class PackedBatch:
+    """One forward through the span: several sequences' new tokens packed along one axis."""
+
+    seqs: list[SequenceCache]
+    new_lengths: list[int]
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    write_slots: torch.Tensor  # [T] pool slot of each new token
+    read_slots: torch.Tensor  # [S] pool slots of every token of every sequence, past and new
+    query_seq: torch.Tensor
+    key_seq: torch.Tensor
+    key_pos: torch.Tensor
+    dtype: torch.dtype
+    attention_calls: list[int] = field(default_factory=list)
+    cache_updates: list[int] = field(default_factory=list)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, seqs: list[SequenceCache], new_lengths: list[int], slots: Callable[[SequenceCache, int, int], torch.Tensor],
+              num_layers: int, dtype: torch.dtype, device: torch.device) -> PackedBatch:
+        """slots(seq, start, end) gives the pool slots of a sequence's tokens [start, end)."""
+        positions, write_slots, read_slots, query_seq, key_seq, key_pos = [], [], [], [], [], []
+        for i, (seq, n) in enumerate(zip(seqs, new_lengths)):
+            past, total = seq.length, seq.length + n
+            positions.append(torch.arange(past, total))
+            write_slots.append(slots(seq, past, total))
+            read_slots.append(slots(seq, 0, total))
+            query_seq.append(torch.full((n,), i))
+            key_seq.append(torch.full((total,), i))
+            key_pos.append(torch.arange(total))
+        cat = lambda parts: torch.cat(parts).to(device)  # noqa: E731
+        return cls(seqs, new_lengths, cat(positions), cat(write_slots), cat(read_slots), cat(query_seq),
+                   cat(key_seq), cat(key_pos), dtype, [0] * num_layers, [0] * num_layers)
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """Additive [1, 1, T, S] mask: a token sees its own sequence's keys up to itself, within the window."""
+        if sliding_window not in self._masks:
+            q_pos = self.positions[:, None]
+            allowed = (self.query_seq[:, None] == self.key_seq[None, :]) & (self.key_pos[None, :] <= q_pos)
+            if sliding_window is not None:
+                allowed &= self.key_pos[None, :] > q_pos - sliding_window
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            self._masks[sliding_window] = mask[None, None]
+        return self._masks[sliding_window]
+
+
+_current: contextvars.ContextVar[tuple[PackedBatch, int]] = contextvars.ContextVar("swarm_packed_batch")
+
+
+class PagedCache(Cache):
+    """The transformers Cache that layers see: it reads and writes the node's page pool."""
+
+    def __init__(self, pool: PagePool, batch: PackedBatch, first_layer: int):
+        super().__init__(layers=[])
+        self.pool, self.batch, self.first_layer = pool, batch, first_layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        local = layer_idx - self.first_layer
+        self.batch.cache_updates[local] += 1
+        keys, values = self.pool.keys[local], self.pool.values[local]
+        # [1, Hkv, T, D] -> [T, Hkv, D]
+        keys[self.batch.write_slots] = key_states[0].transpose(0, 1).to(keys.dtype)
+        values[self.batch.write_slots] = value_states[0].transpose(0, 1).to(values.dtype)
+        gathered_k = keys[self.batch.read_slots].transpose(0, 1).unsqueeze(0)
+        gathered_v = values[self.batch.read_slots].transpose(0, 1).unsqueeze(0)
+        return gathered_k, gathered_v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((seq.length for seq in self.batch.seqs), default=0)
+
+
+def activate(batch: PackedBatch, first_layer: int) -> contextvars.Token:
+    return _current.set((batch, first_layer))
+
+
+def deactivate(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    batch, first_layer = _current.get()
+    batch.attention_calls[module.layer_idx - first_layer] += 1
+    window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
+    mask = batch.mask(window)
+    if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
+        # softcap (gemma2) and attention sinks (gpt-oss) exist only in the family's own eager math
+        family_eager = sys.modules[type(module).__module__].eager_attention_forward
+        output, _ = family_eager(module, query, key, value, mask, scaling=scaling, dropout=0.0, **kwargs)
+        return output, None
+    output, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=scaling,
+                                       is_causal=False, **kwargs)
+    return output, None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

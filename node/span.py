@@ -1,0 +1,149 @@
+"""A node's span: decoder layers [start, end) of one model, run as transformers defines them over the page pool."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+
+from node.attention import ATTENTION_NAME, PackedBatch, PagedCache, activate, deactivate
+from node.kv_cache import PagePool, SequenceCache
+from swarm.checkpoint import (
+    CheckpointError,
+    build_empty_model,
+    find_layers,
+    layer_index,
+    load_config,
+    load_weights,
+    meta_parameters,
+    supports_attention_interface,
+)
+
+logger = logging.getLogger(__name__)
+
+_PER_BATCH_ROPE = {"dynamic", "longrope"}  # these scale RoPE by the longest sequence in the batch
+
+
+class UnsupportedModel(CheckpointError):
+    """The family cannot be run correctly by this node; refused at start, never run wrong."""
+
+
+class Span:
+    def __init__(self, model_path: str | Path, start: int, end: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.config = load_config(model_path)
+        self.num_blocks = self.config.num_hidden_layers
+        if not 0 <= start < end <= self.num_blocks:
+            raise ValueError(f"blocks {start}:{end} are outside the model's {self.num_blocks} layers")
+        self.start, self.end = start, end
+        self.device, self.dtype = torch.device(device), dtype
+        self._refuse_unsupported()
+
+        # Families that bypass the interface run their own eager math over our cache and mask.
+        attention = ATTENTION_NAME if supports_attention_interface(self.config) else "eager"
+        model = build_empty_model(self.config, dtype, attention)
+        prefix, all_layers = find_layers(model)
+        in_span = lambda name: start <= (layer_index(name, prefix) if layer_index(name, prefix) is not None else -1) < end  # noqa: E731
+        load_weights(model, model_path, in_span, self.device, dtype)
+        self.layers = [all_layers[i] for i in range(start, end)]
+        missing = [f"{prefix}.{start + i}.{name}" for i, layer in enumerate(self.layers) for name in meta_parameters(layer)]
+        if missing:
+            raise CheckpointError(f"checkpoint {model_path} lacks weights of blocks {start}:{end}: {missing[:5]}")
+        self.rotary = next((m for n, m in model.base_model.named_children() if "rotary" in n), None)
+        if self.rotary is not None:
+            self.rotary.to(self.device)
+        self._rotary_by_layer_type = self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
+        del model  # everything outside the span stays on meta and is dropped here
+
+        params = inspect.signature(self.layers[0].forward).parameters
+        self._cache_arg = "past_key_values" if "past_key_values" in params else "layer_past"
+        self._wants_rotary = "position_embeddings" in params
+        self._no_alibi = {"alibi": None} if "alibi" in params else {}  # ALiBi configs were refused above
+        self.kv_heads, self.head_dim = self._probe()
+
+    def _refuse_unsupported(self) -> None:
+        config = self.config
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedModel(f"{config.model_type} is an encoder-decoder model; only decoder-only models are served")
+        uses_alibi = getattr(config, "alibi", config.model_type in ("bloom", "mpt"))
+        if uses_alibi:
+            raise UnsupportedModel(f"{config.model_type} uses ALiBi position biases, which nodes cannot run yet")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in _PER_BATCH_ROPE:
+            raise UnsupportedModel(f"{config.model_type} uses {rope.get('rope_type', rope.get('type'))} RoPE scaling, "
+                                   "which depends on the batch's longest sequence and would change packed results")
+
+    def layer_type(self, block: int) -> str:
+        types = getattr(self.config, "layer_types", None)
+        return types[block] if types else "full_attention"
+
+    @property
+    def layer_count(self) -> int:
+        return self.end - self.start
+
+    def _probe(self) -> tuple[int, int]:
+        """Run one token through the span to learn K/V shapes and check every layer uses our cache and mask."""
+        shapes: list[tuple[int, int]] = []
+
+        class ShapeProbe(PagedCache):
+            def update(probe, key_states, value_states, layer_idx, *args, **kwargs):
+                probe.batch.cache_updates[layer_idx - probe.first_layer] += 1
+                shapes.append(tuple(key_states.shape[1::2]))
+                return key_states, value_states
+
+        seq = SequenceCache()
+        batch = PackedBatch.build([seq], [1], lambda s, a, b: torch.arange(a, b), self.layer_count, self.dtype, self.device)
+        hidden = torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        self._run(hidden, batch, ShapeProbe(None, batch, self.start))
+        for i, (updates, calls) in enumerate(zip(batch.cache_updates, batch.attention_calls)):
+            block = self.start + i
+            if updates != 1:
+                raise UnsupportedModel(f"block {block} of {self.config.model_type} does not use a transformers Cache "
+                                       "for its keys and values; it cannot run over the paged KV cache")
+            sliding = getattr(self.config, "sliding_window", None) and self.layer_type(block) != "full_attention"
+            if calls == 0 and sliding:
+                raise UnsupportedModel(f"block {block} of {self.config.model_type} computes sliding-window attention "
+                                       "outside transformers' attention interface; it cannot be run correctly")
+        if len(set(shapes)) != 1:
+            raise UnsupportedModel(f"{self.config.model_type} layers have different K/V shapes {set(shapes)}")
+        bypass = [self.start + i for i, calls in enumerate(batch.attention_calls) if calls == 0]
+        if bypass:
+            logger.info("blocks %s compute attention in their own code over the paged cache and the full causal mask", bypass)
+        return shapes[0]
+
+    def _run(self, hidden: torch.Tensor, batch: PackedBatch, cache: PagedCache) -> torch.Tensor:
+        h = hidden.to(self.device, self.dtype)[None]
+        position_ids = batch.positions[None]
+        rotary = {}
+        if self.rotary is not None and self._wants_rotary:
+            if self._rotary_by_layer_type:
+                for kind in {self.layer_type(b) for b in range(self.start, self.end)}:
+                    rotary[kind] = self.rotary(h, position_ids, kind)
+            else:
+                rotary[None] = self.rotary(h, position_ids)
+        token = activate(batch, self.start)
+        try:
+            for i, layer in enumerate(self.layers):
+                kwargs = {self._cache_arg: cache, "attention_mask": batch.mask(), "position_ids": position_ids,
+                          "use_cache": True, **self._no_alibi}
+                if rotary:
+                    kwargs["position_embeddings"] = rotary[self.layer_type(self.start + i) if self._rotary_by_layer_type else None]
+                out = layer(h, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+        finally:
+            deactivate(token)
+        return h[0]
+
+    @torch.inference_mode()
+    def forward(self, pool: PagePool, hidden: torch.Tensor, seqs: list[SequenceCache], new_lengths: list[int]) -> torch.Tensor:
+        """Run new tokens of several sequences, packed as hidden [sum(new_lengths), hidden_size], through the span.
+
+        The sequences must already have pages for their new lengths (PagePool.reserve).
+        """
+        batch = PackedBatch.build(seqs, new_lengths, pool.slots, self.layer_count, self.dtype, self.device)
+        out = self._run(hidden, batch, PagedCache(pool, batch, self.start))
+        for seq, n in zip(seqs, new_lengths):
+            seq.length += n
+        return out

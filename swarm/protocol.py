@@ -1,0 +1,109 @@
+"""The wire protocol between clients and nodes: length-prefixed msgpack frames over libp2p streams.
+
+Every frame is a msgpack map with the protocol version ``v`` and a message ``type``. Tensors travel
+as ``{"dtype": str, "shape": [..], "data": bytes}`` so that bf16/fp16 stay native and a peer can check
+the declared size before touching the bytes. This module knows nothing about torch modules, only
+about tensors as raw buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+INFERENCE_HANDLER = "swarm.inference.v1"
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+_LENGTH = struct.Struct(">I")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A peer sent a frame that does not follow the protocol."""
+
+
+def encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    if tensor.dtype not in DTYPE_NAMES:
+        raise ProtocolError(f"unsupported tensor dtype {tensor.dtype}")
+    tensor = tensor.detach().contiguous().cpu()
+    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data": data}
+
+
+def decode_tensor(obj: Any) -> torch.Tensor:
+    """Rebuild a tensor, checking that the declared dtype and shape match the bytes exactly."""
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise ProtocolError("a tensor must be a map with exactly dtype, shape and data")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"tensor shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(data, bytes):
+        raise ProtocolError("tensor data must be bytes")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if numel * itemsize != len(data):
+        raise ProtocolError(f"tensor of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes, got {len(data)}")
+    if numel == 0:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(DTYPES[dtype]).view(shape)
+
+
+def pack(message_type: str, **fields: Any) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": message_type, **fields}, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> dict[str, Any]:
+    """Decode one frame; raise ProtocolError for anything that is not a versioned message map."""
+    try:
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"frame is not valid msgpack: {e}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("frame must be a msgpack map")
+    if message.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {message.get('v')!r}; this peer speaks {PROTOCOL_VERSION}")
+    if not isinstance(message.get("type"), str):
+        raise ProtocolError("frame has no message type")
+    return message
+
+
+def error_frame(code: str, message: str) -> bytes:
+    return pack("error", code=code, message=message)
+
+
+async def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
+    writer.write(_LENGTH.pack(len(frame)))
+    writer.write(frame)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:
+    """Read one frame; None on a clean end of stream. Refuses frames over max_bytes before reading them."""
+    try:
+        header = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise ProtocolError("stream ended inside a frame header") from None
+        return None
+    (length,) = _LENGTH.unpack(header)
+    if length > max_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("stream ended inside a frame") from None
