@@ -1,0 +1,4 @@
+from client.model import DistributedModelForCausalLM
+from client.session import InferenceSession, NodeError
+
+__all__ = ["DistributedModelForCausalLM", "InferenceSession", "NodeError"]

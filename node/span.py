@@ -96,7 +96,7 @@ class Span:
         seq = SequenceCache()
         batch = PackedBatch.build([seq], [1], lambda s, a, b: torch.arange(a, b), self.layer_count, self.dtype, self.device)
         hidden = torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        self._run(hidden, batch, ShapeProbe(None, batch, self.start))
+        self._run(hidden, batch, ShapeProbe(None, batch, self.start), self.start, self.end)
         for i, (updates, calls) in enumerate(zip(batch.cache_updates, batch.attention_calls)):
             block = self.start + i
             if updates != 1:
@@ -113,37 +113,40 @@ class Span:
             logger.info("blocks %s compute attention in their own code over the paged cache and the full causal mask", bypass)
         return shapes[0]
 
-    def _run(self, hidden: torch.Tensor, batch: PackedBatch, cache: PagedCache) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, batch: PackedBatch, cache: PagedCache, start: int, end: int) -> torch.Tensor:
         h = hidden.to(self.device, self.dtype)[None]
         position_ids = batch.positions[None]
         rotary = {}
         if self.rotary is not None and self._wants_rotary:
             if self._rotary_by_layer_type:
-                for kind in {self.layer_type(b) for b in range(self.start, self.end)}:
+                for kind in {self.layer_type(b) for b in range(start, end)}:
                     rotary[kind] = self.rotary(h, position_ids, kind)
             else:
                 rotary[None] = self.rotary(h, position_ids)
         token = activate(batch, self.start)
         try:
-            for i, layer in enumerate(self.layers):
+            for block in range(start, end):
                 kwargs = {self._cache_arg: cache, "attention_mask": batch.mask(), "position_ids": position_ids,
                           "use_cache": True, **self._no_alibi}
                 if rotary:
-                    kwargs["position_embeddings"] = rotary[self.layer_type(self.start + i) if self._rotary_by_layer_type else None]
-                out = layer(h, **kwargs)
+                    kwargs["position_embeddings"] = rotary[self.layer_type(block) if self._rotary_by_layer_type else None]
+                out = self.layers[block - self.start](h, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
         finally:
             deactivate(token)
         return h[0]
 
     @torch.inference_mode()
-    def forward(self, pool: PagePool, hidden: torch.Tensor, seqs: list[SequenceCache], new_lengths: list[int]) -> torch.Tensor:
-        """Run new tokens of several sequences, packed as hidden [sum(new_lengths), hidden_size], through the span.
+    def forward(self, pool: PagePool, hidden: torch.Tensor, seqs: list[SequenceCache], new_lengths: list[int],
+                start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Run new tokens of several sequences, packed as hidden [sum(new_lengths), hidden_size], through
+        blocks [start, end) of the span (all of it by default).
 
         The sequences must already have pages for their new lengths (PagePool.reserve).
         """
+        start, end = start if start is not None else self.start, end if end is not None else self.end
         batch = PackedBatch.build(seqs, new_lengths, pool.slots, self.layer_count, self.dtype, self.device)
-        out = self._run(hidden, batch, PagedCache(pool, batch, self.start))
+        out = self._run(hidden, batch, PagedCache(pool, batch, self.start), start, end)
         for seq, n in zip(seqs, new_lengths):
             seq.length += n
         return out

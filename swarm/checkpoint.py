@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
@@ -56,17 +56,23 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def supports_attention_interface(config: PretrainedConfig) -> bool:
-    """Whether the family dispatches attention through transformers' AttentionInterface."""
-    return getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_attention_backend", False)
-
-
-def build_empty_model(config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
-    """The family's CausalLM with parameters on meta (no memory) and buffers computed for real."""
+def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise CheckpointError(f"{config.model_type} is not a causal language model family known to transformers")
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def supports_attention_interface(config: PretrainedConfig) -> bool:
+    """Whether the family dispatches attention through transformers' AttentionInterface."""
+    return getattr(causal_lm_class(config), "_supports_attention_backend", False)
+
+
+def build_empty_model(config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str,
+                      model_class: type[PreTrainedModel] | None = None) -> PreTrainedModel:
+    """The family's CausalLM (or model_class) with parameters on meta (no memory) and buffers computed for real."""
+    model_class = model_class or causal_lm_class(config)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval().requires_grad_(False)
 
 

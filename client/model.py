@@ -1,0 +1,156 @@
+"""DistributedModelForCausalLM: a transformers model whose decoder layers run in the swarm.
+
+The client builds the family's own CausalLM class with its decoder stack replaced by one ``SwarmLayers``
+module, and loads only the weights outside the stack. The family's forward therefore computes everything
+it computes outside its layers (embeddings and their scaling, learned positions, final norm, lm head,
+logit softcapping) exactly as the local model would, and ``generate`` is transformers' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from client.remote import SwarmConnection
+from client.session import InferenceSession
+from swarm.checkpoint import (
+    CheckpointError,
+    build_empty_model,
+    causal_lm_class,
+    find_layers,
+    layer_index,
+    load_config,
+    load_weights,
+    meta_parameters,
+    model_name,
+)
+
+
+class SwarmLayers(nn.Module):
+    """Stands in for the whole decoder stack inside the family's model."""
+
+    attention_type = "full_attention"  # some families read this to pick a layer's mask; ours is unused
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: InferenceSession | None = None
+        self.new_lengths: list[int] | None = None
+        self.returns_tuple = False  # falcon-style stacks index the layer's output with [0]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = hidden_states if self.session is None else self.session.step(hidden_states, self.new_lengths)
+        return (out,) if self.returns_tuple else out
+
+
+class DistributedModelForCausalLM:
+    """Mixed into the family's CausalLM class by from_pretrained."""
+
+    connection: SwarmConnection
+    swarm_model_name: str
+    swarm_layers: SwarmLayers
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str], *, model_name_in_swarm: str | None = None,
+                        dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
+
+        model_name_in_swarm defaults to the folder's name, as for `swarm node`.
+        """
+        config = load_config(path)
+        family = causal_lm_class(config)
+        model_class = type(f"Distributed{family.__name__}", (cls, family), {})
+        model = build_empty_model(config, dtype, "eager", model_class)
+        prefix, _ = find_layers(model)
+        parent_name, _, attr = prefix.rpartition(".")
+        model.swarm_layers = SwarmLayers()
+        setattr(model.get_submodule(parent_name), attr, nn.ModuleList([model.swarm_layers]))
+        load_weights(model, path, lambda name: layer_index(name, prefix) is None, "cpu", dtype)
+        model.tie_weights()
+        missing = meta_parameters(model)
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks weights the client needs: {missing[:5]}")
+        if (Path(path) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+        model.swarm_model_name = model_name_in_swarm or model_name(path)
+        model._detect_layer_output_convention()
+        model.connection = SwarmConnection(initial_peers)
+        return model
+
+    def _detect_layer_output_convention(self) -> None:
+        """Learn whether the family's stack expects a tensor or a tuple from each layer, on a dummy batch."""
+        ids = torch.zeros(2, 3, dtype=torch.long)
+        for returns_tuple in (False, True):
+            self.swarm_layers.returns_tuple = returns_tuple
+            with torch.no_grad():
+                logits = super().forward(input_ids=ids, use_cache=False).logits
+            if tuple(logits.shape[:2]) == (2, 3):
+                return
+        raise CheckpointError(f"cannot run {type(self).__name__}'s decoder stack remotely: unknown layer output convention")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_hidden_layers
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Open a session through the swarm; generate() calls inside it continue the same sequences.
+
+        Pass generate the whole sequence so far: tokens the session already holds are skipped.
+        """
+        if self.swarm_layers.session is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        with InferenceSession(self.connection, self.swarm_model_name, self.num_blocks, max_length, batch_size) as session:
+            self.swarm_layers.session = session
+            try:
+                yield session
+            finally:
+                self.swarm_layers.session = None
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
+        kwargs["use_cache"] = False
+        if self.swarm_layers.session is not None:
+            return super().generate(inputs, *args, **kwargs)
+        input_ids = inputs if inputs is not None else kwargs["input_ids"]
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        max_length = (input_ids.shape[1] + max_new_tokens if max_new_tokens is not None
+                      else kwargs.get("max_length", config.max_length))
+        with self.inference_session(max_length=max_length, batch_size=input_ids.shape[0]):
+            return super().generate(inputs, *args, **kwargs)
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs):
+        """Run the tokens that the open session has not seen yet; returns their logits.
+
+        attention_mask marks left padding; positions are counted per sequence from its first real token,
+        as transformers does. position_ids is accepted for compatibility with generate() and recomputed.
+        """
+        session = self.swarm_layers.session
+        if session is None:
+            raise RuntimeError("open model.inference_session(...) or call generate() to run the swarm")
+        if input_ids is None:
+            raise ValueError("DistributedModelForCausalLM.forward needs input_ids")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError("padding must be on the left (tokenizer.padding_side = 'left')")
+        real = mask.sum(dim=1).tolist()
+        new_lengths = [r - seen for r, seen in zip(real, session.lengths)]
+        if any(n < 0 for n in new_lengths) or max(new_lengths) == 0:
+            raise ValueError(f"input holds {real} tokens per sequence but the session already processed "
+                             f"{session.lengths}: pass the whole sequence including new tokens")
+        width = max(new_lengths)
+        offsets = torch.arange(width)[None, :] - torch.tensor([width - n for n in new_lengths])[:, None]
+        positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0)
+        self.swarm_layers.new_lengths = new_lengths
+        return super().forward(input_ids=input_ids[:, -width:], position_ids=positions, use_cache=False,
+                               logits_to_keep=logits_to_keep)
+
+    def shutdown(self) -> None:
+        self.connection.shutdown()

@@ -1,0 +1,56 @@
+"""`swarm node`: serve a span of a model's blocks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import torch
+import uvloop
+
+from swarm.checkpoint import model_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks takes START:END, e.g. 0:16, not {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local folder of a transformers checkpoint (safetensors)")
+    parser.add_argument("--blocks", type=parse_blocks, required=True, help="span of blocks to serve, START:END")
+    parser.add_argument("--model-name", help="name the swarm knows the model by (default: the folder's name)")
+    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers in the swarm")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0 picks a free one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="memory for the paged KV cache")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    parser.add_argument("--max-length", type=int, help="longest session accepted, in tokens")
+    parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
+    parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT record refreshes")
+
+
+def run(args: argparse.Namespace) -> None:
+    from node.server import Node, NodeConfig  # torch model code is imported only by the commands that need it
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    config = NodeConfig(
+        model_path=args.model, model_name=args.model_name or model_name(args.model), start=args.blocks[0],
+        end=args.blocks[1], initial_peers=args.initial_peers, host=args.host, port=args.port, device=args.device,
+        dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size, max_length=args.max_length,
+        identity_path=args.identity, session_timeout=args.session_timeout, announce_period=args.announce_period,
+    )
+    node = Node(config)
+    uvloop.run(node.run())

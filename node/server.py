@@ -1,0 +1,240 @@
+"""The node daemon: serves inference sessions over libp2p streams and announces itself in the DHT.
+
+One stream is one session: the client opens it with an ``open`` frame, sends ``step`` frames of hidden
+states, and the session ends (its pages return to the pool) when the client closes the stream, sends
+``close``, or goes quiet for longer than the session timeout. Every frame is validated before it touches
+the cache; a bad frame gets an error reply and the session stays as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
+
+from node.kv_cache import PagePool, SequenceCache
+from node.span import Span
+from swarm import protocol
+from swarm.protocol import ProtocolError, decode_tensor, encode_tensor, error_frame, pack, read_frame, write_frame
+from swarm.records import NodeRecord, NodeState, announce
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the node refuses; the code and message go back to the client."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    id: str
+    peer: str
+    start: int
+    end: int
+    max_length: int
+    seqs: list[SequenceCache]
+    last_active: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+
+@dataclass
+class NodeConfig:
+    model_path: str
+    model_name: str
+    start: int
+    end: int
+    initial_peers: list[str]
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    kv_cache_gb: float = 0.25
+    page_size: int = 16
+    max_length: int | None = None
+    max_batch_size: int = 64
+    identity_path: str | None = None
+    session_timeout: float = 300.0
+    announce_period: float = 10.0
+    record_ttl: float = 30.0
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.span = Span(config.model_path, config.start, config.end, config.device, config.dtype)
+        page_bytes = PagePool.page_bytes(self.span.layer_count, config.page_size, self.span.kv_heads,
+                                         self.span.head_dim, config.dtype)
+        num_pages = int(config.kv_cache_gb * 2**30) // page_bytes
+        self.pool = PagePool(self.span.layer_count, num_pages, config.page_size, self.span.kv_heads,
+                             self.span.head_dim, config.dtype, config.device)
+        model_max = getattr(self.span.config, "max_position_embeddings", None) or 2**31
+        self.max_length = min(config.max_length or model_max, model_max, num_pages * config.page_size)
+        self.hidden_size = self.span.config.hidden_size
+        self.sessions: dict[str, Session] = {}
+        self.state = NodeState.JOINING
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
+        self._stop = asyncio.Event()
+        self.dht: DHT | None = None
+        self.p2p: P2P | None = None
+        logger.info("loaded blocks %d:%d of %s; KV cache of %d pages x %d tokens; sessions up to %d tokens",
+                    config.start, config.end, config.model_name, num_pages, config.page_size, self.max_length)
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(peer_id=self.dht.peer_id.to_base58(), start=self.config.start, end=self.config.end,
+                          state=self.state, max_length=self.max_length, free_pages=self.pool.free_pages,
+                          page_size=self.config.page_size, dtype=protocol.DTYPE_NAMES[self.config.dtype])
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=self.config.identity_path,
+                       host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"])
+        try:
+            self.p2p = await self.dht.replicate_p2p()
+            await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
+            await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
+            self.state = NodeState.ONLINE
+            for maddr in self.dht.get_visible_maddrs():
+                print(f"node serving {self.config.model_name} blocks {self.config.start}:{self.config.end} at {maddr}",
+                      flush=True)
+            while not self._stop.is_set():
+                await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
+                self._expire_idle_sessions()
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.config.announce_period)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        logger.info("shutting down")
+        self.state = NodeState.OFFLINE
+        if self.dht is not None and self.dht.is_alive():
+            try:
+                await asyncio.wait_for(announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl), 5)
+            except Exception as e:
+                logger.warning("could not announce going offline: %s", e)
+            self.dht.shutdown()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def _expire_idle_sessions(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for session in list(self.sessions.values()):
+            if now - session.last_active > self.config.session_timeout:
+                logger.info("session %s timed out", session.id)
+                self._close(session)
+
+    def _close(self, session: Session) -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            for seq in session.seqs:
+                self.pool.release(seq)
+            logger.info("closed session %s; %d pages free", session.id, self.pool.free_pages)
+
+    async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id.to_base58()
+        session = None
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(read_frame(reader), self.config.session_timeout)
+                except asyncio.TimeoutError:
+                    break
+                if frame is None:
+                    break
+                try:
+                    message = protocol.unpack(frame)
+                    if message["type"] == "open":
+                        if session is not None:
+                            raise RequestError("bad_request", "this stream already has an open session")
+                        session = self._open(message, peer)
+                        reply = pack("opened", session=session.id, max_length=session.max_length)
+                    elif message["type"] == "step":
+                        reply = await self._step(session, message)
+                    elif message["type"] == "close":
+                        break
+                    else:
+                        raise RequestError("bad_request", f"unknown message type {message['type']!r}")
+                except ProtocolError as e:
+                    reply = error_frame("bad_frame", str(e))
+                except RequestError as e:
+                    reply = error_frame(e.code, str(e))
+                await write_frame(writer, reply)
+        except (ConnectionError, ProtocolError, asyncio.IncompleteReadError) as e:
+            logger.debug("stream from %s ended: %s", peer, e)
+        except Exception:
+            logger.exception("unexpected error serving %s", peer)
+        finally:
+            if session is not None:
+                self._close(session)
+            writer.close()
+
+    def _open(self, message: dict, peer: str) -> Session:
+        if self.state != NodeState.ONLINE:
+            raise RequestError("unavailable", f"node is {self.state.value}")
+        max_length, batch_size = message.get("max_length"), message.get("batch_size", 1)
+        start, end = message.get("start", self.config.start), message.get("end", self.config.end)
+        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("start", start), ("end", end)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RequestError("bad_request", f"{name} must be an integer, got {value!r}")
+        if not self.config.start <= start < end <= self.config.end:
+            raise RequestError("bad_request", f"blocks {start}:{end} are not within this node's span "
+                                              f"{self.config.start}:{self.config.end}")
+        if not 1 <= max_length <= self.max_length:
+            raise RequestError("too_long", f"max_length {max_length} is outside what this node accepts (1..{self.max_length})")
+        if not 1 <= batch_size <= self.config.max_batch_size:
+            raise RequestError("bad_request", f"batch_size must be within 1..{self.config.max_batch_size}")
+        needed = batch_size * self.pool.pages_for(max_length)
+        if needed > self.pool.free_pages:
+            raise RequestError("no_room", f"not enough KV cache: the session needs {needed} pages, "
+                                          f"{self.pool.free_pages} are free")
+        seqs = [SequenceCache() for _ in range(batch_size)]
+        for seq in seqs:  # pages for the whole max_length up front: a session never runs out mid-generation
+            self.pool.reserve(seq, max_length)
+        session = Session(uuid.uuid4().hex, peer, start, end, max_length, seqs)
+        self.sessions[session.id] = session
+        logger.info("opened session %s for %s: blocks %d:%d, %d x %d tokens", session.id, peer, start, end,
+                    batch_size, max_length)
+        return session
+
+    async def _step(self, session: Session | None, message: dict) -> bytes:
+        if session is None or message.get("session") != session.id:
+            raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; open one first")
+        lengths = message.get("lengths")
+        if (not isinstance(lengths, list) or len(lengths) != len(session.seqs)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths)):
+            raise RequestError("bad_request", f"lengths must list {len(session.seqs)} non-negative integers")
+        hidden = decode_tensor(message.get("hidden"))
+        expected_dtype = protocol.DTYPE_NAMES[self.config.dtype]
+        if message["hidden"]["dtype"] != expected_dtype:
+            raise RequestError("bad_tensor", f"hidden states must be {expected_dtype}, got {message['hidden']['dtype']}")
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or hidden.shape[0] != sum(lengths):
+            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
+                                             f"(tokens in this step, hidden size), got {list(hidden.shape)}")
+        for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
+            if seq.length + n > session.max_length:
+                raise RequestError("too_long", f"sequence {i} would reach {seq.length + n} tokens, beyond the "
+                                               f"session's max_length {session.max_length}")
+        if not torch.isfinite(hidden).all():
+            raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
+        session.last_active = asyncio.get_running_loop().time()
+        active = [i for i, n in enumerate(lengths) if n > 0]
+        if active:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self.span.forward, self.pool, hidden, [session.seqs[i] for i in active],
+                [lengths[i] for i in active], session.start, session.end)
+        else:
+            out = hidden
+        return pack("output", session=session.id, hidden=encode_tensor(out.to(self.config.dtype)))

@@ -1,0 +1,29 @@
+"""A DHT-only peer that new nodes and clients join through (`swarm bootstrap`)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from hivemind.dht import DHT
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for a local swarm)")
+    parser.add_argument("--port", type=int, default=31337, help="TCP port (0 picks a free one)")
+    parser.add_argument("--initial-peers", nargs="*", default=[], help="join an existing swarm through these multiaddrs")
+
+
+def run(args: argparse.Namespace) -> None:
+    dht = DHT(initial_peers=args.initial_peers, start=True, identity_path=args.identity,
+              host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
+    print("bootstrap peer is up; pass these to --initial-peers:", flush=True)
+    for maddr in dht.get_visible_maddrs():
+        print(maddr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()

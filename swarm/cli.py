@@ -1,0 +1,30 @@
+"""The `swarm` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from swarm import bootstrap
+
+
+def main(argv: list[str] | None = None) -> None:
+    from node import cli as node_cli
+
+    parser = argparse.ArgumentParser(prog="swarm", description="Serve and use language models from a swarm of nodes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    node_parser = commands.add_parser("node", help="serve a span of a model's blocks")
+    node_cli.add_arguments(node_parser)
+    node_parser.set_defaults(run=node_cli.run)
+    bootstrap_parser = commands.add_parser("bootstrap", help="start a DHT-only peer that others join through")
+    bootstrap.add_arguments(bootstrap_parser)
+    bootstrap_parser.set_defaults(run=bootstrap.run)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
