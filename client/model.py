@@ -63,7 +63,10 @@ class DistributedModelForCausalLM:
         """
         config = load_config(path)
         family = causal_lm_class(config)
-        model_class = type(f"Distributed{family.__name__}", (cls, family), {})
+        # Keep the family's class name and module: transformers keys checkpoint conversions (gpt_neox's embed_out)
+        # by class name and skips them for classes defined outside transformers.
+        model_class = type(family.__name__, (cls, family),
+                           {"__module__": family.__module__, "__qualname__": f"Distributed{family.__name__}"})
         model = build_empty_model(config, dtype, "eager", model_class)
         prefix, _ = find_layers(model)
         parent_name, _, attr = prefix.rpartition(".")
@@ -86,8 +89,11 @@ class DistributedModelForCausalLM:
         ids = torch.zeros(2, 3, dtype=torch.long)
         for returns_tuple in (False, True):
             self.swarm_layers.returns_tuple = returns_tuple
-            with torch.no_grad():
-                logits = super().forward(input_ids=ids, use_cache=False).logits
+            try:
+                with torch.no_grad():
+                    logits = super().forward(input_ids=ids, use_cache=False).logits
+            except (IndexError, RuntimeError, ValueError):  # the wrong convention breaks shapes downstream
+                continue
             if tuple(logits.shape[:2]) == (2, 3):
                 return
         raise CheckpointError(f"cannot run {type(self).__name__}'s decoder stack remotely: unknown layer output convention")

@@ -38,36 +38,45 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str], ready_marker: str, timeout: float) -> tuple[subprocess.Popen, list[str]]:
-        """Start a child and wait until its stdout shows ready_marker; returns the process and lines so far."""
-        log = open(self.log_dir / f"{name}.log", "w")
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_dir / f"{name}.log", "w")
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        process.name = name
         self.processes.append(process)
+        return process
+
+    def _wait_ready(self, process: subprocess.Popen, ready_marker: str, timeout: float) -> list[str]:
+        """Read the child's stdout until ready_marker shows; returns the lines read."""
         lines, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line:
                 break
             lines.append(line.strip())
-            log.write(line)
-            log.flush()
             if ready_marker in line:
-                return process, lines
-        log.close()
-        raise RuntimeError(f"{name} did not start; see {self.log_dir / f'{name}.log'}:\n"
-                           + (self.log_dir / f"{name}.log").read_text()[-3000:])
+                return lines
+        log = self.log_dir / f"{process.name}.log"
+        raise RuntimeError(f"{process.name} did not start; its output:\n" + "\n".join(lines)
+                           + "\n" + log.read_text()[-3000:])
 
     def start_bootstrap(self, timeout: float = 60) -> list[str]:
-        _, lines = self._spawn("bootstrap", SWARM + ["bootstrap", "--host", "127.0.0.1", "--port", "0"], "/p2p/", timeout)
-        self.initial_peers = [line for line in lines if "/p2p/" in line]
+        process = self._spawn("bootstrap", SWARM + ["bootstrap", "--host", "127.0.0.1", "--port", "0"])
+        self.initial_peers = [line for line in self._wait_ready(process, "/p2p/", timeout) if "/p2p/" in line]
         return self.initial_peers
 
-    def start_node(self, model: str | Path, start: int, end: int, *extra: str, timeout: float = 120) -> subprocess.Popen:
-        args = SWARM + ["node", "--model", str(model), "--blocks", f"{start}:{end}", "--initial-peers",
-                        *self.initial_peers, *extra]
-        process, _ = self._spawn(f"node-{len(self.processes)}-{start}-{end}", args, "node serving", timeout)
-        return process
+    def start_nodes(self, model: str | Path, spans: list[tuple[int, int]], *extra: str,
+                    timeout: float = 120) -> list[subprocess.Popen]:
+        """Start one node per (start, end) span, all at once, and wait until every one serves."""
+        processes = [
+            self._spawn(f"node-{len(self.processes)}-{start}-{end}",
+                        SWARM + ["node", "--model", str(model), "--blocks", f"{start}:{end}",
+                                 "--initial-peers", *self.initial_peers, *extra])
+            for start, end in spans
+        ]
+        for process in processes:
+            self._wait_ready(process, "node serving", timeout)
+        return processes
 
     def stop(self, timeout: float = 15) -> None:
         for process in self.processes:
@@ -107,9 +116,9 @@ def main() -> None:
     num_blocks = load_config(model_path).num_hidden_layers
     with LocalSwarm(workdir / "logs") as swarm:
         swarm.start_bootstrap()
-        for start, end in split_blocks(num_blocks, args.nodes):
-            swarm.start_node(model_path, start, end)
-            print(f"node up: blocks {start}:{end}")
+        spans = split_blocks(num_blocks, args.nodes)
+        swarm.start_nodes(model_path, spans)
+        print(f"{len(spans)} nodes up, serving blocks {', '.join(f'{a}:{b}' for a, b in spans)}")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers)
         try:
