@@ -1,0 +1,127 @@
+"""A live node answers bad input with clear errors, keeps serving others, and leaves cleanly."""
+
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client import DistributedModelForCausalLM
+from client.remote import run_coroutine
+from client.session import NodeError, SpanSession
+from swarm import protocol
+from swarm.protocol import encode_tensor, pack, read_frame, write_frame
+from swarm.records import NodeState
+from swarm.routing import Hop, MissingBlocksError, RoutingError
+
+
+async def raw_exchange(connection, peer_id, frames):
+    """Send frames on one fresh stream, return the decoded replies."""
+    reader, writer = await connection.open_stream(peer_id, protocol.INFERENCE_HANDLER)
+    replies = []
+    for frame in frames:
+        await write_frame(writer, frame)
+        replies.append(protocol.unpack(await read_frame(reader)))
+    writer.close()
+    return replies
+
+
+@pytest.fixture
+def llama_swarm(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--max-length", "256")
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    yield path, model, local_swarm
+    model.shutdown()
+
+
+def test_bad_input_gets_clear_errors_and_the_node_keeps_serving(llama_swarm):
+    path, model, _ = llama_swarm
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = AutoTokenizer.from_pretrained(path)("The quick brown fox", return_tensors="pt").input_ids
+    records = run_coroutine(model.connection.records(model.swarm_model_name))
+    first = next(r for r in records if r.start == 0)
+    hidden_size = model.config.hidden_size
+
+    with model.inference_session(max_length=32) as honest:
+        # an honest session is mid-generation while garbage arrives on other streams
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+
+        span = run_coroutine(SpanSession.open(model.connection, Hop(first, 0, 2), max_length=8, batch_size=1))
+        good = torch.randn(2, hidden_size)
+        cases = [
+            (pack("step", session=span.session_id, lengths=[2], hidden=encode_tensor(torch.randn(2, hidden_size + 1))),
+             "bad_tensor", "shape"),
+            (pack("step", session=span.session_id, lengths=[2], hidden=encode_tensor(good.half())), "bad_tensor", "float32"),
+            (pack("step", session="no-such-session", lengths=[2], hidden=encode_tensor(good)), "unknown_session", "unknown"),
+            (pack("step", session=span.session_id, lengths=[9], hidden=encode_tensor(torch.randn(9, hidden_size))),
+             "too_long", "max_length"),
+            (pack("step", session=span.session_id, lengths=[2], hidden=encode_tensor(good * float("nan"))), "bad_tensor", "NaN"),
+            (pack("step", session=span.session_id, lengths=[-1], hidden=encode_tensor(good)), "bad_request", "lengths"),
+            (b"\x93\xc1\xff garbage", "bad_frame", "msgpack"),
+            (pack("dance"), "bad_request", "unknown message type"),
+        ]
+        for frame, code, words in cases:
+            with pytest.raises(NodeError, match=words) as error:
+                run_coroutine(span._request(frame))
+            assert error.value.code == code
+        # the session that received garbage is intact: a valid step still works at position 0
+        out = run_coroutine(span.step(good, [2]))
+        assert out.shape == (2, hidden_size) and torch.isfinite(out).all()
+        run_coroutine(span.close())
+
+        replies = run_coroutine(raw_exchange(model.connection, first.peer_id, [
+            pack("open", max_length=10**9, batch_size=1), pack("open", max_length="long"),
+            pack("step", session="x", lengths=[1], hidden=encode_tensor(good[:1]))]))
+        assert [r["code"] for r in replies] == ["too_long", "bad_request", "unknown_session"]
+
+        # and the honest session goes on, exact
+        generated = model.generate(generated, max_new_tokens=4, do_sample=False)
+        assert honest.lengths == [generated.shape[1] - 1]
+    assert torch.equal(generated, local.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_clear_client_errors(llama_swarm, tiny_model):
+    path, model, swarm = llama_swarm
+    with pytest.raises(RoutingError, match="exceed what the nodes serving block 0"):
+        with model.inference_session(max_length=1000):
+            pass
+
+    unknown = DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                         model_name_in_swarm="no-such-model")
+    try:
+        with pytest.raises(RoutingError, match="no node announces model 'no-such-model'"):
+            unknown.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    finally:
+        unknown.shutdown()
+
+
+def test_missing_block_is_named(tiny_model, local_swarm):
+    path = tiny_model("qwen3")
+    local_swarm.start_nodes(path, [(0, 3)])
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    try:
+        with pytest.raises(MissingBlocksError, match="no online node serves block 3 of model 'tiny-qwen3'"):
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    finally:
+        model.shutdown()
+
+
+def test_sigterm_announces_offline_and_exits(tiny_model, local_swarm):
+    path = tiny_model("olmo2")
+    [node] = local_swarm.start_nodes(path, [(0, 4)])
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    try:
+        assert [r.state for r in run_coroutine(model.connection.records(model.swarm_model_name))] == [NodeState.ONLINE]
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=20) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = [r.state for r in run_coroutine(model.connection.records(model.swarm_model_name))]
+            if states == [NodeState.OFFLINE]:
+                break
+            time.sleep(0.5)
+        assert states == [NodeState.OFFLINE]
+    finally:
+        model.shutdown()
