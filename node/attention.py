@@ -55,9 +55,8 @@ class PackedBatch:
             query_seq.append(torch.full((n,), i))
             key_seq.append(torch.full((total,), i))
             key_pos.append(torch.arange(total))
-        cat = lambda parts: torch.cat(parts).to(device)  # noqa: E731
-        return cls(seqs, new_lengths, cat(positions), cat(write_slots), cat(read_slots), cat(query_seq),
-                   cat(key_seq), cat(key_pos), dtype, [0] * num_layers, [0] * num_layers)
+        tensors = [torch.cat(parts).to(device) for parts in (positions, write_slots, read_slots, query_seq, key_seq, key_pos)]
+        return cls(seqs, new_lengths, *tensors, dtype, [0] * num_layers, [0] * num_layers)
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """Additive [1, 1, T, S] mask: a token sees its own sequence's keys up to itself, within the window."""

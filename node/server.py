@@ -2,18 +2,19 @@
 
 One stream is one session: the client opens it with an ``open`` frame, sends ``step`` frames of hidden
 states, and the session ends (its pages return to the pool) when the client closes the stream, sends
-``close``, or goes quiet for longer than the session timeout. Every frame is validated before it touches
+``close``, or sends nothing for longer than the session timeout. Every frame is validated before it touches
 the cache; a bad frame gets an error reply and the session stays as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +46,6 @@ class Session:
     end: int
     max_length: int
     seqs: list[SequenceCache]
-    last_active: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
 @dataclass
@@ -111,7 +111,6 @@ class Node:
                       flush=True)
             while not self._stop.is_set():
                 await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
-                self._expire_idle_sessions()
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.config.announce_period)
                 except asyncio.TimeoutError:
@@ -130,13 +129,6 @@ class Node:
             self.dht.shutdown()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
-    def _expire_idle_sessions(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for session in list(self.sessions.values()):
-            if now - session.last_active > self.config.session_timeout:
-                logger.info("session %s timed out", session.id)
-                self._close(session)
-
     def _close(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             for seq in session.seqs:
@@ -151,6 +143,7 @@ class Node:
                 try:
                     frame = await asyncio.wait_for(read_frame(reader), self.config.session_timeout)
                 except asyncio.TimeoutError:
+                    logger.info("closing an idle stream from %s", peer)
                     break
                 if frame is None:
                     break
@@ -171,11 +164,16 @@ class Node:
                     reply = error_frame("bad_frame", str(e))
                 except RequestError as e:
                     reply = error_frame(e.code, str(e))
+                except Exception as e:  # a bug on our side: this request fails, the node and the session go on
+                    logger.exception("error serving a request from %s", peer)
+                    reply = error_frame("internal", f"node error: {type(e).__name__}: {e}")
                 await write_frame(writer, reply)
-        except (ConnectionError, ProtocolError, asyncio.IncompleteReadError) as e:
+        except ProtocolError as e:  # framing is lost (oversized or truncated frame): say why, then end the stream
+            logger.info("dropping the stream from %s: %s", peer, e)
+            with contextlib.suppress(ConnectionError):
+                await write_frame(writer, error_frame("bad_frame", str(e)))
+        except ConnectionError as e:
             logger.debug("stream from %s ended: %s", peer, e)
-        except Exception:
-            logger.exception("unexpected error serving %s", peer)
         finally:
             if session is not None:
                 self._close(session)
@@ -229,7 +227,6 @@ class Node:
                                                f"session's max_length {session.max_length}")
         if not torch.isfinite(hidden).all():
             raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
-        session.last_active = asyncio.get_running_loop().time()
         active = [i for i, n in enumerate(lengths) if n > 0]
         if active:
             out = await asyncio.get_running_loop().run_in_executor(

@@ -45,7 +45,11 @@ class Span:
         attention = ATTENTION_NAME if supports_attention_interface(self.config) else "eager"
         model = build_empty_model(self.config, dtype, attention)
         prefix, all_layers = find_layers(model)
-        in_span = lambda name: start <= (layer_index(name, prefix) if layer_index(name, prefix) is not None else -1) < end  # noqa: E731
+
+        def in_span(tensor_name: str) -> bool:
+            block = layer_index(tensor_name, prefix)
+            return block is not None and start <= block < end
+
         load_weights(model, model_path, in_span, self.device, dtype)
         self.layers = [all_layers[i] for i in range(start, end)]
         missing = [f"{prefix}.{start + i}.{name}" for i, layer in enumerate(self.layers) for name in meta_parameters(layer)]

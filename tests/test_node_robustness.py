@@ -41,7 +41,7 @@ def test_bad_input_gets_clear_errors_and_the_node_keeps_serving(llama_swarm):
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = AutoTokenizer.from_pretrained(path)("The quick brown fox", return_tensors="pt").input_ids
     records = run_coroutine(model.connection.records(model.swarm_model_name))
-    first = next(r for r in records if r.start == 0)
+    first = next(r for r in records if r.start == 0 and r.state == NodeState.ONLINE)
     hidden_size = model.config.hidden_size
 
     with model.inference_session(max_length=32) as honest:
@@ -99,10 +99,11 @@ def test_clear_client_errors(llama_swarm, tiny_model):
 
 def test_missing_block_is_named(tiny_model, local_swarm):
     path = tiny_model("qwen3")
-    local_swarm.start_nodes(path, [(0, 3)])
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    local_swarm.start_nodes(path, [(0, 3)], "--model-name", "half-qwen3")
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                        model_name_in_swarm="half-qwen3")
     try:
-        with pytest.raises(MissingBlocksError, match="no online node serves block 3 of model 'tiny-qwen3'"):
+        with pytest.raises(MissingBlocksError, match="no online node serves block 3 of model 'half-qwen3'"):
             model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
     finally:
         model.shutdown()
@@ -110,8 +111,9 @@ def test_missing_block_is_named(tiny_model, local_swarm):
 
 def test_sigterm_announces_offline_and_exits(tiny_model, local_swarm):
     path = tiny_model("olmo2")
-    [node] = local_swarm.start_nodes(path, [(0, 4)])
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    [node] = local_swarm.start_nodes(path, [(0, 4)], "--model-name", "leaving-olmo2")
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                        model_name_in_swarm="leaving-olmo2")
     try:
         assert [r.state for r in run_coroutine(model.connection.records(model.swarm_model_name))] == [NodeState.ONLINE]
         node.send_signal(signal.SIGTERM)
@@ -123,5 +125,38 @@ def test_sigterm_announces_offline_and_exits(tiny_model, local_swarm):
                 break
             time.sleep(0.5)
         assert states == [NodeState.OFFLINE]
+    finally:
+        model.shutdown()
+
+
+def test_closed_and_idle_sessions_return_their_pages(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 4)], "--session-timeout", "2", "--announce-period", "0.5", "--page-size", "16",
+                            "--model-name", "pages-llama")
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                        model_name_in_swarm="pages-llama")
+
+    def free_pages_becomes(expected, timeout=8.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            [record] = run_coroutine(model.connection.records(model.swarm_model_name))
+            if record.free_pages == expected:
+                return True
+            time.sleep(0.2)
+        return False
+
+    try:
+        [record] = run_coroutine(model.connection.records(model.swarm_model_name))
+        total = record.free_pages
+        closed = run_coroutine(SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=2))
+        assert free_pages_becomes(total - 2 * 4)
+        run_coroutine(closed.close())
+        assert free_pages_becomes(total)
+
+        idle = run_coroutine(SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=1))
+        assert free_pages_becomes(total - 4)
+        assert free_pages_becomes(total)  # 2 s without a frame: the node closed it
+        with pytest.raises((NodeError, ConnectionError, protocol.ProtocolError)):
+            run_coroutine(idle.step(torch.randn(1, model.config.hidden_size), [1]))
     finally:
         model.shutdown()
