@@ -34,3 +34,31 @@ def test_swarm_generates_what_the_local_model_generates(family, tiny_model, loca
         assert_same_tokens(model.generate(**batch, **greedy), local.generate(**batch, **greedy), local)
     finally:
         model.shutdown()
+
+
+def test_sampling_penalties_and_eos_behave_as_local_generate(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 3), (3, 4)], "--model-name", "sampling-llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                        model_name_in_swarm="sampling-llama")
+    try:
+        prompt = tokenizer(["The client routes every step", "A swarm"], return_tensors="pt", padding=True)
+        sampling = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+                        repetition_penalty=1.3)
+        torch.manual_seed(7)
+        swarm_tokens = model.generate(**prompt, **sampling)
+        torch.manual_seed(7)
+        assert torch.equal(swarm_tokens, local.generate(**prompt, **sampling))
+
+        greedy = local.generate(**prompt, max_new_tokens=8, do_sample=False)
+        eos = greedy[0, prompt.input_ids.shape[1] + 2].item()  # row 0's third new token ends generation
+        swarm_tokens = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos)
+        local_tokens = local.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos)
+        assert torch.equal(swarm_tokens, local_tokens)
+        row0 = swarm_tokens[0, prompt.input_ids.shape[1]:].tolist()
+        stop = row0.index(eos)  # row 0 stopped at its first EOS; the rest is padding
+        assert stop <= 2 and set(row0[stop + 1:]) <= {tokenizer.pad_token_id}
+    finally:
+        model.shutdown()
