@@ -44,6 +44,9 @@ def test_sampling_penalties_and_eos_behave_as_local_generate(tiny_model, local_s
     model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
                                                         model_name_in_swarm="sampling-llama")
     try:
+        # the client holds embeddings, final norm and lm head, no decoder layer
+        assert {name.split(".")[1] for name, _ in model.named_parameters() if name.startswith("model.")} \
+            == {"embed_tokens", "norm"}
         prompt = tokenizer(["The client routes every step", "A swarm"], return_tensors="pt", padding=True)
         sampling = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
                         repetition_penalty=1.3)
