@@ -159,4 +159,11 @@ class DistributedModelForCausalLM:
                                logits_to_keep=logits_to_keep)
 
     def shutdown(self) -> None:
+        """Leave the swarm: stops this client's DHT peer and its libp2p daemon."""
         self.connection.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

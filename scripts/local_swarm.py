@@ -120,16 +120,13 @@ def main() -> None:
         swarm.start_nodes(model_path, spans)
         print(f"{len(spans)} nodes up, serving blocks {', '.join(f'{a}:{b}' for a, b in spans)}")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers)
-        try:
+        with DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers) as model:
             inputs = tokenizer(args.prompt, return_tensors="pt")
             model.generate(**inputs, max_new_tokens=2)  # warm-up: connections and first-call overheads
             began = time.perf_counter()
             with torch.inference_mode():
                 output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             elapsed = time.perf_counter() - began
-        finally:
-            model.shutdown()
         new_tokens = output.shape[1] - inputs.input_ids.shape[1]
         print(f"prompt: {args.prompt!r}")
         print(f"generated: {tokenizer.decode(output[0, inputs.input_ids.shape[1]:])!r}")

@@ -31,9 +31,8 @@ async def raw_exchange(connection, peer_id, frames):
 def llama_swarm(tiny_model, local_swarm):
     path = tiny_model("llama")
     local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--max-length", "256")
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
-    yield path, model, local_swarm
-    model.shutdown()
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        yield path, model, local_swarm
 
 
 def test_bad_input_gets_clear_errors_and_the_node_keeps_serving(llama_swarm):
@@ -88,33 +87,26 @@ def test_clear_client_errors(llama_swarm, tiny_model):
         with model.inference_session(max_length=1000):
             pass
 
-    unknown = DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
-                                                         model_name_in_swarm="no-such-model")
-    try:
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                     model_name_in_swarm="no-such-model") as unknown:
         with pytest.raises(RoutingError, match="no node announces model 'no-such-model'"):
             unknown.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
-    finally:
-        unknown.shutdown()
 
 
 def test_missing_block_is_named(tiny_model, local_swarm):
     path = tiny_model("qwen3")
     local_swarm.start_nodes(path, [(0, 3)], "--model-name", "half-qwen3")
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                        model_name_in_swarm="half-qwen3")
-    try:
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="half-qwen3") as model:
         with pytest.raises(MissingBlocksError, match="no online node serves block 3 of model 'half-qwen3'"):
             model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
-    finally:
-        model.shutdown()
 
 
 def test_sigterm_announces_offline_and_exits(tiny_model, local_swarm):
     path = tiny_model("olmo2")
     [node] = local_swarm.start_nodes(path, [(0, 4)], "--model-name", "leaving-olmo2")
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                        model_name_in_swarm="leaving-olmo2")
-    try:
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="leaving-olmo2") as model:
         assert [r.state for r in run_coroutine(model.connection.records(model.swarm_model_name))] == [NodeState.ONLINE]
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=20) == 0
@@ -125,38 +117,33 @@ def test_sigterm_announces_offline_and_exits(tiny_model, local_swarm):
                 break
             time.sleep(0.5)
         assert states == [NodeState.OFFLINE]
-    finally:
-        model.shutdown()
+
+
+def free_pages_become(model, expected, timeout=8.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        [record] = run_coroutine(model.connection.records(model.swarm_model_name))
+        if record.free_pages == expected:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_closed_and_idle_sessions_return_their_pages(tiny_model, local_swarm):
     path = tiny_model("llama")
     local_swarm.start_nodes(path, [(0, 4)], "--session-timeout", "2", "--announce-period", "0.5", "--page-size", "16",
                             "--model-name", "pages-llama")
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                        model_name_in_swarm="pages-llama")
-
-    def free_pages_becomes(expected, timeout=8.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            [record] = run_coroutine(model.connection.records(model.swarm_model_name))
-            if record.free_pages == expected:
-                return True
-            time.sleep(0.2)
-        return False
-
-    try:
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="pages-llama") as model:
         [record] = run_coroutine(model.connection.records(model.swarm_model_name))
         total = record.free_pages
         closed = run_coroutine(SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=2))
-        assert free_pages_becomes(total - 2 * 4)
+        assert free_pages_become(model, total - 2 * 4)
         run_coroutine(closed.close())
-        assert free_pages_becomes(total)
+        assert free_pages_become(model, total)
 
         idle = run_coroutine(SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=1))
-        assert free_pages_becomes(total - 4)
-        assert free_pages_becomes(total)  # 2 s without a frame: the node closed it
+        assert free_pages_become(model, total - 4)
+        assert free_pages_become(model, total)  # 2 s without a frame: the node closed it
         with pytest.raises((NodeError, ConnectionError, protocol.ProtocolError)):
             run_coroutine(idle.step(torch.randn(1, model.config.hidden_size), [1]))
-    finally:
-        model.shutdown()

@@ -17,8 +17,7 @@ def test_swarm_generates_what_the_local_model_generates(family, tiny_model, loca
     local_swarm.start_nodes(path, [(0, 2), (2, 4)])
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
-    try:
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
         prompt = tokenizer("Each node hosts a span of transformer blocks and keeps a cache", return_tensors="pt")
         with torch.no_grad(), model.inference_session(max_length=64):
             swarm_logits = model(**prompt).logits
@@ -32,8 +31,6 @@ def test_swarm_generates_what_the_local_model_generates(family, tiny_model, loca
         batch = tokenizer(["A swarm", "The quick brown fox jumps over the lazy dog", "Each node keeps"],
                           return_tensors="pt", padding=True)
         assert_same_tokens(model.generate(**batch, **greedy), local.generate(**batch, **greedy), local)
-    finally:
-        model.shutdown()
 
 
 def test_sampling_penalties_and_eos_behave_as_local_generate(tiny_model, local_swarm):
@@ -41,9 +38,8 @@ def test_sampling_penalties_and_eos_behave_as_local_generate(tiny_model, local_s
     local_swarm.start_nodes(path, [(0, 3), (3, 4)], "--model-name", "sampling-llama")
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                        model_name_in_swarm="sampling-llama")
-    try:
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="sampling-llama") as model:
         # the client holds embeddings, final norm and lm head, no decoder layer
         assert {name.split(".")[1] for name, _ in model.named_parameters() if name.startswith("model.")} \
             == {"embed_tokens", "norm"}
@@ -63,5 +59,3 @@ def test_sampling_penalties_and_eos_behave_as_local_generate(tiny_model, local_s
         row0 = swarm_tokens[0, prompt.input_ids.shape[1]:].tolist()
         stop = row0.index(eos)  # row 0 stopped at its first EOS; the rest is padding
         assert stop <= 2 and set(row0[stop + 1:]) <= {tokenizer.pad_token_id}
-    finally:
-        model.shutdown()
