@@ -41,7 +41,6 @@ class RequestError(ValueError):
 @dataclass
 class Session:
     id: str
-    peer: str
     start: int
     end: int
     max_length: int
@@ -201,7 +200,7 @@ class Node:
         seqs = [SequenceCache() for _ in range(batch_size)]
         for seq in seqs:  # pages for the whole max_length up front: a session never runs out mid-generation
             self.pool.reserve(seq, max_length)
-        session = Session(uuid.uuid4().hex, peer, start, end, max_length, seqs)
+        session = Session(uuid.uuid4().hex, start, end, max_length, seqs)
         self.sessions[session.id] = session
         logger.info("opened session %s for %s: blocks %d:%d, %d x %d tokens", session.id, peer, start, end,
                     batch_size, max_length)

@@ -61,10 +61,6 @@ class NodeRecord:
             raise ValueError(f"bad span {record.start}:{record.end}")
         return record
 
-    @property
-    def span(self) -> str:
-        return f"{self.start}:{self.end}"
-
 
 def model_key(model_name: str) -> str:
     return f"swarm-inference/{model_name}/nodes"
