@@ -9,7 +9,9 @@ logit softcapping) exactly as the local model would, and ``generate`` is transfo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,19 +33,43 @@ from swarm.checkpoint import (
 )
 
 
+@dataclass
+class _Run:
+    """What the stack needs for the step in flight: the session and which rows are new."""
+
+    session: InferenceSession
+    new_lengths: list[int] | None = None
+    token_ids: list[list[int]] | None = None
+
+
 class SwarmLayers(nn.Module):
-    """Stands in for the whole decoder stack inside the family's model."""
+    """Stands in for the whole decoder stack inside the family's model.
+
+    The open session is per thread (a context variable), so threads can generate with one model at once.
+    """
 
     attention_type = "full_attention"  # some families read this to pick a layer's mask; ours is unused
 
     def __init__(self) -> None:
         super().__init__()
-        self.session: InferenceSession | None = None
-        self.new_lengths: list[int] | None = None
+        self._run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(f"swarm_run_{id(self)}", default=None)
         self.returns_tuple = False  # falcon-style stacks index the layer's output with [0]
 
+    @property
+    def run(self) -> _Run | None:
+        return self._run.get()
+
+    @contextlib.contextmanager
+    def bind(self, session: InferenceSession) -> Iterator[None]:
+        token = self._run.set(_Run(session))
+        try:
+            yield
+        finally:
+            self._run.reset(token)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = hidden_states if self.session is None else self.session.step(hidden_states, self.new_lengths)
+        run = self.run
+        out = hidden_states if run is None else run.session.step(hidden_states, run.new_lengths, run.token_ids)
         return (out,) if self.returns_tuple else out
 
 
@@ -108,19 +134,16 @@ class DistributedModelForCausalLM:
 
         Pass generate the whole sequence so far: tokens the session already holds are skipped.
         """
-        if self.swarm_layers.session is not None:
-            raise RuntimeError("an inference session is already open on this model")
+        if self.swarm_layers.run is not None:
+            raise RuntimeError("an inference session is already open on this model in this thread")
         with InferenceSession(self.connection, self.swarm_model_name, self.num_blocks, max_length, batch_size) as session:
-            self.swarm_layers.session = session
-            try:
+            with self.swarm_layers.bind(session):
                 yield session
-            finally:
-                self.swarm_layers.session = None
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
         kwargs["use_cache"] = False
-        if self.swarm_layers.session is not None:
+        if self.swarm_layers.run is not None:
             return super().generate(inputs, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs["input_ids"]
         config = kwargs.get("generation_config") or self.generation_config
@@ -138,11 +161,12 @@ class DistributedModelForCausalLM:
         attention_mask marks left padding; positions are counted per sequence from its first real token,
         as transformers does. position_ids is accepted for compatibility with generate() and recomputed.
         """
-        session = self.swarm_layers.session
-        if session is None:
+        run = self.swarm_layers.run
+        if run is None:
             raise RuntimeError("open model.inference_session(...) or call generate() to run the swarm")
         if input_ids is None:
             raise ValueError("DistributedModelForCausalLM.forward needs input_ids")
+        session = run.session
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         if (mask[:, 1:] < mask[:, :-1]).any():
             raise ValueError("padding must be on the left (tokenizer.padding_side = 'left')")
@@ -154,7 +178,8 @@ class DistributedModelForCausalLM:
         width = max(new_lengths)
         offsets = torch.arange(width)[None, :] - torch.tensor([width - n for n in new_lengths])[:, None]
         positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0)
-        self.swarm_layers.new_lengths = new_lengths
+        run.new_lengths = new_lengths
+        run.token_ids = [row[len(row) - n:].tolist() for row, n in zip(input_ids, new_lengths)]
         return super().forward(input_ids=input_ids[:, -width:], position_ids=positions, use_cache=False,
                                logits_to_keep=logits_to_keep)
 

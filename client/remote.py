@@ -13,6 +13,8 @@ from hivemind.dht import DHT
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import P2P, PeerID
 
+from swarm import protocol
+from swarm.protocol import pack, read_frame, write_frame
 from swarm.records import NodeRecord, fetch_records
 
 T = TypeVar("T")
@@ -36,6 +38,18 @@ class SwarmConnection:
     async def open_stream(self, peer_id: str, handler: str):
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
         return reader, writer
+
+    async def node_stats(self, peer_id: str) -> dict:
+        """A node's scheduler figures: sessions, queue, pages used and shared, preemptions, forwards."""
+        reader, writer = await self.open_stream(peer_id, protocol.INFERENCE_HANDLER)
+        try:
+            await write_frame(writer, pack("stats"))
+            reply = await read_frame(reader)
+        finally:
+            writer.close()
+        if reply is None:
+            raise ConnectionError(f"node {peer_id} closed the stream")
+        return protocol.unpack(reply)
 
     def shutdown(self) -> None:
         run_coroutine(self.p2p.shutdown())

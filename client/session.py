@@ -29,14 +29,19 @@ class SpanSession:
     def __init__(self, hop: Hop, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.hop, self.reader, self.writer = hop, reader, writer
         self.session_id: str | None = None
+        self.queued_s = 0.0  # how long the node kept the session waiting for KV cache room
         self.wire_dtype = protocol.DTYPES[hop.node.dtype]
 
     @classmethod
-    async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int) -> SpanSession:
+    async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int,
+                   priority: str = "interactive") -> SpanSession:
         reader, writer = await connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER)
         span = cls(hop, reader, writer)
-        reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start, end=hop.end))
-        span.session_id = reply["session"]
+        reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start,
+                                         end=hop.end, priority=priority))
+        span.session_id, span.queued_s = reply["session"], reply.get("queued_s", 0.0)
+        if span.queued_s > 1:
+            logger.info("node %s queued the session %.1f s for KV cache room", hop.node.peer_id[-6:], span.queued_s)
         return span
 
     async def _request(self, frame: bytes) -> dict:
@@ -49,8 +54,9 @@ class SpanSession:
             raise NodeError(self.hop.node.peer_id, message.get("code", "error"), message.get("message", ""))
         return message
 
-    async def step(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        reply = await self._request(pack("step", session=self.session_id, lengths=lengths,
+    async def step(self, hidden: torch.Tensor, lengths: list[int],
+                   page_hashes: list[list[bytes]] | None = None) -> torch.Tensor:
+        reply = await self._request(pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes,
                                          hidden=encode_tensor(hidden.to(self.wire_dtype))))
         return decode_tensor(reply["hidden"])
 
@@ -66,14 +72,19 @@ class InferenceSession:
     """Keeps the KV cache of batch_size sequences of up to max_length tokens along a chain of nodes.
 
     Use as a context manager; ``step`` sends hidden states after the embeddings and returns them before
-    the final norm. ``lengths`` counts the tokens each sequence holds.
+    the final norm. ``lengths`` counts the tokens each sequence holds. priority "batch" lets nodes serve
+    interactive sessions first and preempt this one before them.
     """
 
     def __init__(self, connection: SwarmConnection, model_name: str, num_blocks: int, max_length: int,
-                 batch_size: int = 1):
+                 batch_size: int = 1, priority: str = "interactive"):
         self.connection, self.model_name, self.num_blocks = connection, model_name, num_blocks
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size, self.priority = max_length, batch_size, priority
         self.lengths = [0] * batch_size
+        # token ids and their page-hash chains, per page size, so nodes can share cache pages of equal prefixes;
+        # None once a step came without token ids
+        self.tokens: list[list[int]] | None = [[] for _ in range(batch_size)]
+        self.page_chains: dict[int, list[list[bytes]]] = {}
         self.spans: list[SpanSession] = []
         self.closed = False
 
@@ -93,16 +104,19 @@ class InferenceSession:
         logger.info("route: %s", " -> ".join(f"{hop.node.peer_id[-6:]}[{hop.start}:{hop.end}]" for hop in route))
         try:
             for hop in route:
-                self.spans.append(await SpanSession.open(self.connection, hop, self.max_length, self.batch_size))
+                self.spans.append(await SpanSession.open(self.connection, hop, self.max_length, self.batch_size,
+                                                         self.priority))
         except BaseException:
             await self._close()
             raise
 
-    def step(self, hidden: torch.Tensor, new_lengths: list[int] | None = None) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, new_lengths: list[int] | None = None,
+             token_ids: list[list[int]] | None = None) -> torch.Tensor:
         """Run hidden [batch, T, hidden_size] through every block; returns the same shape.
 
         new_lengths[i] says how many of row i's last positions are new tokens (default: all T); the
-        other positions are padding and come back as zeros.
+        other positions are padding and come back as zeros. token_ids[i] are row i's new tokens: with them
+        nodes can share KV pages between sessions with a common prefix (the ids themselves are not sent).
         """
         if self.closed:
             raise RuntimeError("the inference session is closed")
@@ -115,7 +129,8 @@ class InferenceSession:
                 raise ValueError(f"sequence {i} would reach {self.lengths[i] + n} tokens, beyond the session's "
                                  f"max_length {self.max_length}")
         packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)])
-        out = run_coroutine(self._step(packed, new_lengths)).to(hidden.dtype)
+        page_hashes = self._extend_page_chains(token_ids)
+        out = run_coroutine(self._step(packed, new_lengths, page_hashes)).to(hidden.dtype)
         result = torch.zeros_like(hidden)
         offset = 0
         for i, n in enumerate(new_lengths):
@@ -124,9 +139,29 @@ class InferenceSession:
             self.lengths[i] += n
         return result
 
-    async def _step(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def _extend_page_chains(self, token_ids: list[list[int]] | None) -> dict[int, list[list[bytes]]] | None:
+        """Add the step's tokens; returns, per page size, the hashes of the pages each row completes."""
+        if token_ids is None or self.tokens is None:
+            self.tokens = None
+            return None
+        for tokens, new in zip(self.tokens, token_ids):
+            tokens.extend(new)
+        completed = {}
+        for page_size in {span.hop.node.page_size for span in self.spans}:
+            chains = self.page_chains.setdefault(page_size, [[] for _ in range(self.batch_size)])
+            completed[page_size] = []
+            for tokens, new, chain in zip(self.tokens, token_ids, chains):
+                for page in range(len(chain), len(tokens) // page_size):
+                    chain.append(protocol.page_hash(chain[-1] if chain else b"",
+                                                    tokens[page * page_size:(page + 1) * page_size]))
+                completed[page_size].append(chain[(len(tokens) - len(new)) // page_size:len(tokens) // page_size])
+        return completed
+
+    async def _step(self, hidden: torch.Tensor, lengths: list[int],
+                    page_hashes: dict[int, list[list[bytes]]] | None) -> torch.Tensor:
         for span in self.spans:
-            hidden = await span.step(hidden, lengths)
+            hashes = page_hashes[span.hop.node.page_size] if page_hashes is not None else None
+            hidden = await span.step(hidden, lengths, hashes)
         return hidden
 
     def close(self) -> None:

@@ -35,6 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="memory for the paged KV cache")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
     parser.add_argument("--max-length", type=int, help="longest session accepted, in tokens")
+    parser.add_argument("--max-batch-tokens", type=int, default=512,
+                        help="tokens per forward pass: decodes first, then prefill chunks in the rest")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per forward pass and per session")
+    parser.add_argument("--kv-overcommit", type=float, default=2.0,
+                        help="admit sessions until their declared lengths need this many times the pool's pages; "
+                             "when actual use outgrows the pool, junior sessions are preempted")
+    parser.add_argument("--swap-gb", type=float, default=0.0,
+                        help="host memory for preempted sessions' KV pages; without room they are recomputed")
+    parser.add_argument("--queue-timeout", type=float, default=60.0,
+                        help="seconds a new session may wait for KV cache room before it is refused")
+    parser.add_argument("--max-sessions-per-peer", type=int, default=64, help="open sessions one client may hold")
+    parser.add_argument("--max-queued-tokens-per-peer", type=int, default=65536,
+                        help="tokens one client may have waiting for computation")
     parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
     parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT record refreshes")
@@ -49,7 +62,9 @@ def run(args: argparse.Namespace) -> None:
         model_path=args.model, model_name=args.model_name or model_name(args.model), start=args.blocks[0],
         end=args.blocks[1], initial_peers=args.initial_peers, host=args.host, port=args.port, device=args.device,
         dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size, max_length=args.max_length,
-        identity_path=args.identity, session_timeout=args.session_timeout, announce_period=args.announce_period,
+        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, kv_overcommit=args.kv_overcommit,
+        swap_gb=args.swap_gb, queue_timeout=args.queue_timeout, max_sessions_per_peer=args.max_sessions_per_peer,
+        max_queued_tokens_per_peer=args.max_queued_tokens_per_peer, identity_path=args.identity, session_timeout=args.session_timeout, announce_period=args.announce_period,
     )
     node = Node(config)
     uvloop.run(node.run())

@@ -3,7 +3,8 @@
 One stream is one session: the client opens it with an ``open`` frame, sends ``step`` frames of hidden
 states, and the session ends (its pages return to the pool) when the client closes the stream, sends
 ``close``, or sends nothing for longer than the session timeout. Every frame is validated before it touches
-the cache; a bad frame gets an error reply and the session stays as it was.
+the cache; a bad frame gets an error reply and the session stays as it was. Admission, batching across
+sessions and preemption are the scheduler's (node/scheduler.py).
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ import torch
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
-from node.kv_cache import PagePool, SequenceCache
+from node.kv_cache import PagePool
+from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
 from node.span import Span
 from swarm import protocol
-from swarm.protocol import ProtocolError, decode_tensor, encode_tensor, error_frame, pack, read_frame, write_frame
+from swarm.protocol import (
+    PAGE_HASH_BYTES,
+    ProtocolError,
+    decode_tensor,
+    encode_tensor,
+    error_frame,
+    pack,
+    read_frame,
+    write_frame,
+)
 from swarm.records import NodeRecord, NodeState, announce
 
 logger = logging.getLogger(__name__)
@@ -36,15 +47,6 @@ class RequestError(ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class Session:
-    id: str
-    start: int
-    end: int
-    max_length: int
-    seqs: list[SequenceCache]
 
 
 @dataclass
@@ -62,6 +64,12 @@ class NodeConfig:
     page_size: int = 16
     max_length: int | None = None
     max_batch_size: int = 64
+    max_batch_tokens: int = 512
+    kv_overcommit: float = 2.0
+    swap_gb: float = 0.0
+    queue_timeout: float = 60.0
+    max_sessions_per_peer: int = 64
+    max_queued_tokens_per_peer: int = 65536
     identity_path: str | None = None
     session_timeout: float = 300.0
     announce_period: float = 10.0
@@ -80,9 +88,11 @@ class Node:
         model_max = getattr(self.span.config, "max_position_embeddings", None) or 2**31
         self.max_length = min(config.max_length or model_max, model_max, num_pages * config.page_size)
         self.hidden_size = self.span.config.hidden_size
-        self.sessions: dict[str, Session] = {}
-        self.state = NodeState.JOINING
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
+        self.scheduler = Scheduler(self.span, self.pool, self._compute, max_batch_tokens=config.max_batch_tokens,
+                                   max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
+                                   swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
+        self.state = NodeState.JOINING
         self._stop = asyncio.Event()
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
@@ -98,6 +108,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
+        scheduler = asyncio.create_task(self.scheduler.run())
         self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=self.config.identity_path,
                        host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"])
         try:
@@ -115,6 +126,7 @@ class Node:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            scheduler.cancel()
             await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -127,12 +139,6 @@ class Node:
                 logger.warning("could not announce going offline: %s", e)
             self.dht.shutdown()
         self._compute.shutdown(wait=False, cancel_futures=True)
-
-    def _close(self, session: Session) -> None:
-        if self.sessions.pop(session.id, None) is not None:
-            for seq in session.seqs:
-                self.pool.release(seq)
-            logger.info("closed session %s; %d pages free", session.id, self.pool.free_pages)
 
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()
@@ -151,10 +157,13 @@ class Node:
                     if message["type"] == "open":
                         if session is not None:
                             raise RequestError("bad_request", "this stream already has an open session")
-                        session = self._open(message, peer)
-                        reply = pack("opened", session=session.id, max_length=session.max_length)
+                        session = self._new_session(message, peer)
+                        queued = await self._admit(session)
+                        reply = pack("opened", session=session.id, max_length=session.max_length, queued_s=queued)
                     elif message["type"] == "step":
-                        reply = await self._step(session, message)
+                        reply = await self._step(session, message, peer)
+                    elif message["type"] == "stats":
+                        reply = pack("stats", **self.scheduler.stats())
                     elif message["type"] == "close":
                         break
                     else:
@@ -175,10 +184,11 @@ class Node:
             logger.debug("stream from %s ended: %s", peer, e)
         finally:
             if session is not None:
-                self._close(session)
+                self.scheduler.close(session)
+                logger.info("closed session %s; %d pages free", session.id, self.pool.free_pages)
             writer.close()
 
-    def _open(self, message: dict, peer: str) -> Session:
+    def _new_session(self, message: dict, peer: str) -> Session:
         if self.state != NodeState.ONLINE:
             raise RequestError("unavailable", f"node is {self.state.value}")
         max_length, batch_size = message.get("max_length"), message.get("batch_size", 1)
@@ -193,20 +203,25 @@ class Node:
             raise RequestError("too_long", f"max_length {max_length} is outside what this node accepts (1..{self.max_length})")
         if not 1 <= batch_size <= self.config.max_batch_size:
             raise RequestError("bad_request", f"batch_size must be within 1..{self.config.max_batch_size}")
-        needed = batch_size * self.pool.pages_for(max_length)
-        if needed > self.pool.free_pages:
-            raise RequestError("no_room", f"not enough KV cache: the session needs {needed} pages, "
-                                          f"{self.pool.free_pages} are free")
-        seqs = [SequenceCache() for _ in range(batch_size)]
-        for seq in seqs:  # pages for the whole max_length up front: a session never runs out mid-generation
-            self.pool.reserve(seq, max_length)
-        session = Session(uuid.uuid4().hex, start, end, max_length, seqs)
-        self.sessions[session.id] = session
-        logger.info("opened session %s for %s: blocks %d:%d, %d x %d tokens", session.id, peer, start, end,
-                    batch_size, max_length)
-        return session
+        priority = message.get("priority", PRIORITIES[0])
+        if priority not in PRIORITIES:
+            raise RequestError("bad_request", f"priority must be one of {PRIORITIES}, got {priority!r}")
+        if self.scheduler.sessions_of(peer) >= self.config.max_sessions_per_peer:
+            raise RequestError("busy", f"a peer may hold at most {self.config.max_sessions_per_peer} sessions here")
+        return Session(uuid.uuid4().hex, peer, start, end, max_length, PRIORITIES.index(priority),
+                       [Sequence() for _ in range(batch_size)])
 
-    async def _step(self, session: Session | None, message: dict) -> bytes:
+    async def _admit(self, session: Session) -> float:
+        try:
+            queued = await self.scheduler.admit(session)
+        except AdmissionError as e:
+            raise RequestError("no_room", str(e)) from None
+        logger.info("opened session %s for %s: blocks %d:%d, %d x %d tokens, %s, queued %.2f s", session.id,
+                    session.peer, session.start, session.end, len(session.seqs), session.max_length,
+                    PRIORITIES[session.priority], queued)
+        return queued
+
+    async def _step(self, session: Session | None, message: dict, peer: str) -> bytes:
         if session is None or message.get("session") != session.id:
             raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; open one first")
         lengths = message.get("lengths")
@@ -221,16 +236,32 @@ class Node:
             raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
                                              f"(tokens in this step, hidden size), got {list(hidden.shape)}")
         for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
-            if seq.length + n > session.max_length:
-                raise RequestError("too_long", f"sequence {i} would reach {seq.length + n} tokens, beyond the "
+            if seq.received + n > session.max_length:
+                raise RequestError("too_long", f"sequence {i} would reach {seq.received + n} tokens, beyond the "
                                                f"session's max_length {session.max_length}")
+        page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
         if not torch.isfinite(hidden).all():
             raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
-        active = [i for i, n in enumerate(lengths) if n > 0]
-        if active:
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self.span.forward, self.pool, hidden, [session.seqs[i] for i in active],
-                [lengths[i] for i in active], session.start, session.end)
-        else:
-            out = hidden
-        return pack("output", session=session.id, hidden=encode_tensor(out.to(self.config.dtype)))
+        if self.scheduler.pending_tokens(peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
+            raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
+                                       "waiting here; retry when its steps finish")
+        if sum(lengths) == 0:
+            return pack("output", session=session.id, hidden=encode_tensor(hidden))
+        out = await self.scheduler.submit(session, hidden, lengths, page_keys)
+        return pack("output", session=session.id, hidden=encode_tensor(out))
+
+    def _page_keys(self, session: Session, page_hashes: Any, lengths: list[int]) -> list[list[bytes]] | None:
+        """Check the token-hash chain of the pages each sequence completes in this step (None: not sent)."""
+        if page_hashes is None:
+            return None
+        page_size = self.pool.page_size
+        if not isinstance(page_hashes, list) or len(page_hashes) != len(session.seqs):
+            raise RequestError("bad_request", f"page_hashes must list {len(session.seqs)} lists of hashes")
+        for i, (seq, n, hashes) in enumerate(zip(session.seqs, lengths, page_hashes)):
+            completed = (seq.received + n) // page_size - seq.received // page_size
+            if (not isinstance(hashes, list) or len(hashes) != completed
+                    or not all(isinstance(h, bytes) and len(h) == PAGE_HASH_BYTES for h in hashes)):
+                raise RequestError("bad_request", f"page_hashes[{i}] must list {completed} hashes of "
+                                                  f"{PAGE_HASH_BYTES} bytes, one per page of {page_size} tokens "
+                                                  "this step completes")
+        return page_hashes

@@ -9,7 +9,9 @@ about tensors as raw buffers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -26,6 +28,16 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+PAGE_HASH_BYTES = 16
+
+
+def page_hash(previous: bytes, tokens: Sequence[int]) -> bytes:
+    """Link of a sequence's token-hash chain for one full KV page: equal chains mean equal prefixes, so a
+    node can share the page without seeing the tokens. previous is b"" for the first page."""
+    data = previous + b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens)
+    return hashlib.blake2b(data, digest_size=PAGE_HASH_BYTES).digest()
 
 
 class ProtocolError(ValueError):

@@ -137,13 +137,16 @@ def test_closed_and_idle_sessions_return_their_pages(tiny_model, local_swarm):
                                                      model_name_in_swarm="pages-llama") as model:
         [record] = run_coroutine(model.connection.records(model.swarm_model_name))
         total = record.free_pages
+        hidden = model.config.hidden_size
         closed = run_coroutine(SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=2))
-        assert free_pages_become(model, total - 2 * 4)
+        run_coroutine(closed.step(torch.randn(20 + 3, hidden), [20, 3]))  # pages are taken as tokens arrive
+        assert free_pages_become(model, total - 2 - 1)
         run_coroutine(closed.close())
         assert free_pages_become(model, total)
 
         idle = run_coroutine(SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=1))
-        assert free_pages_become(model, total - 4)
+        run_coroutine(idle.step(torch.randn(17, hidden), [17]))
+        assert free_pages_become(model, total - 2)
         assert free_pages_become(model, total)  # 2 s without a frame: the node closed it
         with pytest.raises((NodeError, ConnectionError, protocol.ProtocolError)):
-            run_coroutine(idle.step(torch.randn(1, model.config.hidden_size), [1]))
+            run_coroutine(idle.step(torch.randn(1, hidden), [1]))

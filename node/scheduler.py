@@ -1,0 +1,433 @@
+"""The node's step scheduler: continuous batching over one page pool, with admission and preemption.
+
+A session's step appends input rows to its sequences; each iteration packs pending rows of many sessions
+into one forward through the span: decodes (one pending token) first, then prefill chunks in arrival
+order under a token budget, so a long prompt never stalls other sessions' decodes.
+
+Sessions are admitted while their declared pages fit the pool times an overcommit factor, else they queue.
+Pages are taken as tokens arrive; when the pool runs dry, the most junior session (lowest priority, then
+newest) is preempted: its keys and values are swapped to host memory, or dropped and later recomputed from
+the span inputs the node keeps for every sequence. The most senior session can always take pages from
+juniors, so every session completes. Full pages whose prefix key (the client's token-hash chain) matches a
+page already in the pool are attached instead of computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from node.kv_cache import PagePool, SequenceCache
+from node.span import Span
+
+logger = logging.getLogger(__name__)
+
+PRIORITIES = ("interactive", "batch")  # a session's priority class, most urgent first
+
+
+class AdmissionError(RuntimeError):
+    """A session the node cannot take: it would never fit, or it waited too long in the queue."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence of a session: its cache, every input row it received, and its prefix keys."""
+
+    cache: SequenceCache = field(default_factory=SequenceCache)
+    chunks: list[torch.Tensor] = field(default_factory=list)  # host copies of the received rows, oldest first
+    received: int = 0
+    page_keys: list[bytes] | None = field(default_factory=list)  # token-hash chain per full page; None: unknown
+    swapped: tuple[torch.Tensor, torch.Tensor] | None = None  # host keys/values while preempted to host
+    out_start: int = 0  # first position whose output the current step returns
+    out_row: int = 0  # the step output's row for out_start
+
+    @property
+    def pending(self) -> int:
+        return self.received - self.cache.length
+
+    def inputs(self, start: int, end: int) -> torch.Tensor:
+        """Received rows [start, end); old rows are needed only to recompute, so chunks are merged lazily."""
+        if start < self.received - self.chunks[-1].shape[0]:
+            self.chunks = [torch.cat(self.chunks)]
+        first = self.received - self.chunks[-1].shape[0]
+        return self.chunks[-1][start - first:end - first]
+
+    def forget_inputs_from(self, length: int) -> None:
+        self.chunks = [torch.cat(self.chunks)[:length]] if self.chunks else []
+        self.received = length
+
+
+@dataclass(eq=False)
+class Step:
+    output: torch.Tensor  # [tokens in the step, hidden]
+    future: asyncio.Future
+    arrived: float
+    received_before: list[int]
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    peer: str
+    start: int
+    end: int
+    max_length: int
+    priority: int
+    seqs: list[Sequence]
+    order: int = -1  # admission order; with priority it says who is junior
+    step: Step | None = None
+    closed: bool = False
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Greater is more junior: preempted first."""
+        return self.priority, self.order
+
+    @property
+    def resident(self) -> bool:
+        return any(seq.cache.pages for seq in self.seqs)
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Rows [position, position + length) of one sequence, computed in this iteration."""
+
+    session: Session
+    seq: Sequence
+    position: int
+    length: int
+
+
+class Scheduler:
+    def __init__(self, span: Span, pool: PagePool, executor: Executor, *, max_batch_tokens: int = 512,
+                 max_batch_size: int = 64, overcommit: float = 2.0, swap_bytes: int = 0, queue_timeout: float = 60.0):
+        if max_batch_tokens <= max_batch_size:
+            # decodes take at most max_batch_size tokens, so prefills always get part of every iteration
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_size ({max_batch_size})")
+        self.span, self.pool, self.executor = span, pool, executor
+        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+        self.overcommit, self.swap_bytes, self.queue_timeout = overcommit, swap_bytes, queue_timeout
+        self.sessions: list[Session] = []
+        self.waiting: deque[tuple[Session, asyncio.Future]] = deque()
+        self.declared_pages = 0
+        self.swap_used = 0
+        self.counters: Counter[str] = Counter()
+        self._orders = itertools.count()
+        self._running: set[Session] = set()
+        self._wake = asyncio.Event()
+
+    # ----- admission -----
+
+    def declared(self, session: Session) -> int:
+        return len(session.seqs) * self.pool.pages_for(session.max_length)
+
+    def _fits(self, session: Session) -> bool:
+        return self.declared_pages + self.declared(session) <= self.overcommit * self.pool.num_pages
+
+    async def admit(self, session: Session) -> float:
+        """Wait until the session may start; returns the seconds it queued."""
+        if self.declared(session) > self.pool.num_pages:
+            raise AdmissionError(f"the session needs {self.declared(session)} KV pages, more than the node's "
+                                 f"{self.pool.num_pages}")
+        if not self.waiting and self._fits(session):
+            self._admit(session)
+            return 0.0
+        queued_at = time.monotonic()
+        admitted = asyncio.get_running_loop().create_future()
+        self.waiting.append((session, admitted))
+        self.counters["queued_sessions"] += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(admitted), self.queue_timeout)
+        except asyncio.TimeoutError:
+            raise AdmissionError(f"the node's KV cache stayed full for {self.queue_timeout:.0f} s") from None
+        finally:
+            if not admitted.done():
+                self.waiting.remove((session, admitted))
+                self._admit_waiting()  # whoever queued behind this session may fit now
+        return time.monotonic() - queued_at
+
+    def _admit(self, session: Session) -> None:
+        session.order = next(self._orders)
+        self.declared_pages += self.declared(session)
+        self.sessions.append(session)
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and self._fits(self.waiting[0][0]):
+            session, admitted = self.waiting.popleft()
+            self._admit(session)
+            admitted.set_result(None)
+
+    def close(self, session: Session) -> None:
+        """End a session, queued or admitted; its pages return to the pool once no forward is using them."""
+        session.closed = True
+        if session.step is not None and not session.step.future.done():
+            session.step.future.cancel()
+        if session in self._running:
+            return  # _complete releases it
+        self._release(session)
+
+    def _release(self, session: Session) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+            self.declared_pages -= self.declared(session)
+            for seq in session.seqs:
+                self.pool.release(seq.cache)
+                self._drop_swap(seq)
+            self._admit_waiting()
+        self._wake.set()
+
+    # ----- steps -----
+
+    def submit(self, session: Session, hidden: torch.Tensor, lengths: list[int],
+               page_keys: list[list[bytes]] | None) -> asyncio.Future:
+        """Queue a step: lengths[i] new rows of hidden [sum(lengths), hidden] for sequence i. The future
+        resolves to the span's outputs for those rows.
+
+        page_keys[i] lists the token-hash chain of the full pages sequence i completes in this step; None
+        means the client sent no hashes, which ends prefix sharing for the session.
+        """
+        step = Step(torch.empty_like(hidden), asyncio.get_running_loop().create_future(), time.monotonic(),
+                    [seq.received for seq in session.seqs])
+        row = 0
+        for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
+            if n:
+                seq.chunks.append(hidden[row:row + n])
+                seq.received += n
+            seq.out_start, seq.out_row = seq.received - n, row
+            if page_keys is None or seq.page_keys is None:
+                seq.page_keys = None
+            else:
+                seq.page_keys.extend(page_keys[i])
+            row += n
+        session.step = step
+        self._wake.set()
+        return step.future
+
+    def sessions_of(self, peer: str) -> int:
+        return sum(s.peer == peer for s in self.sessions) + sum(s.peer == peer for s, _ in self.waiting)
+
+    def pending_tokens(self, peer: str) -> int:
+        return sum(seq.pending for s in self.sessions if s.peer == peer for seq in s.seqs)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while chunks := self._schedule():
+                hidden = torch.cat([c.seq.inputs(c.position, c.position + c.length) for c in chunks])
+                self._running = {c.session for c in chunks}
+                try:
+                    out = await loop.run_in_executor(self.executor, self._forward, chunks, hidden)
+                except Exception as e:  # a bug or a device error: these steps fail, the node goes on
+                    logger.exception("forward failed for sessions %s", [s.id for s in self._running])
+                    self._fail(chunks, e)
+                else:
+                    self._complete(chunks, out)
+                finally:
+                    for session in self._running:
+                        if session.closed:
+                            self._release(session)
+                    self._running = set()
+
+    def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
+        session = chunks[0].session
+        out = self.span.forward(self.pool, hidden, [c.seq.cache for c in chunks], [c.length for c in chunks],
+                                session.start, session.end)
+        return out.to("cpu", hidden.dtype)
+
+    # ----- one iteration -----
+
+    def _schedule(self) -> list[Chunk]:
+        ready = [(s, seq) for s in self.sessions if s.step is not None and not s.step.future.done()
+                 for seq in s.seqs if seq.pending > 0]
+        # decodes first; then by priority class, then by the step's arrival
+        if not ready:
+            return []
+        # One forward runs one range of blocks: the range of the oldest step, so no range starves.
+        oldest, _ = min(ready, key=lambda item: item[0].step.arrived)
+        ready = [(s, seq) for s, seq in ready if (s.start, s.end) == (oldest.start, oldest.end)]
+        ready.sort(key=lambda item: (item[1].pending > 1, item[0].priority, item[0].step.arrived))
+        chunks: list[Chunk] = []
+        budget = self.max_batch_tokens
+        computing: set[Hashable] = set()  # prefix keys of pages computed in this iteration
+        for session, seq in ready:
+            if len(chunks) == self.max_batch_size or budget == 0:
+                break
+            if seq.swapped is None:
+                self._attach_shared_pages(session, seq)
+            if seq.pending == 0:
+                self._finish_if_done(session)
+                continue
+            length = self._chunk_length(session, seq, budget, computing)
+            if length == 0:
+                continue  # another sequence computes its next page right now; attach it next iteration
+            chunks.append(Chunk(session, seq, seq.cache.length, length))
+            budget -= length
+        return self._place(chunks)
+
+    def _chunk_length(self, session: Session, seq: Sequence, budget: int, computing: set[Hashable]) -> int:
+        page_size, start = self.pool.page_size, seq.cache.length
+        length = min(seq.pending, budget)
+        if length < seq.pending and (start + length) // page_size * page_size > start:
+            length = (start + length) // page_size * page_size - start  # end chunks on a page boundary
+        for index in range(-(-start // page_size), (start + length) // page_size):
+            key = self._page_key(session, seq, index)
+            if key is None:
+                break
+            if key in computing:
+                return max(index * page_size - start, 0)
+            computing.add(key)
+        return length
+
+    def _page_key(self, session: Session, seq: Sequence, index: int) -> Hashable | None:
+        if seq.page_keys is None or index >= len(seq.page_keys):
+            return None
+        return session.start, session.end, seq.page_keys[index]
+
+    def _page_digest(self, seq: Sequence, index: int) -> bytes:
+        rows = seq.inputs(index * self.pool.page_size, (index + 1) * self.pool.page_size)
+        return hashlib.blake2b(rows.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+    def _attach_shared_pages(self, session: Session, seq: Sequence) -> None:
+        page_size = self.pool.page_size
+        while seq.pending >= page_size and seq.cache.length == len(seq.cache.pages) * page_size:
+            index = seq.cache.length // page_size
+            key = self._page_key(session, seq, index)
+            shared = self.pool.lookup(key) if key is not None else None
+            if shared is None or shared.digest != self._page_digest(seq, index):
+                return
+            self.pool.attach(seq.cache, shared)
+            self._emit(session, seq, index * page_size, shared.outputs)
+            self.counters["prefix_pages_attached"] += 1
+
+    def _place(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Give every chunk its pages, most senior session first, preempting juniors where the pool is dry."""
+        placed: list[Chunk] = []
+        preempted: set[Session] = set()
+        for chunk in sorted(chunks, key=lambda c: c.session.rank):
+            if chunk.session in preempted:
+                continue
+            seq, end = chunk.seq, chunk.position + chunk.length
+            while not self.pool.can_reserve(seq.cache, end):
+                victim = self._pick_victim(chunk.session, {c.session for c in placed})
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted.add(victim)
+            if not self.pool.can_reserve(seq.cache, end):
+                continue  # waits for a senior session to finish or step
+            self.pool.reserve(seq.cache, end)
+            if seq.swapped is not None:
+                self._swap_in(seq)
+            placed.append(chunk)
+        return placed
+
+    def _pick_victim(self, requester: Session, protected: set[Session]) -> Session | None:
+        """The most junior resident session below the requester; else the most junior idle one, whose pages
+        no step needs now and which takes them back by seniority when it steps again."""
+        resident = [s for s in self.sessions if s is not requester and s not in protected and s.resident]
+        juniors = [s for s in resident if s.rank > requester.rank]
+        candidates = juniors or [s for s in resident if s.step is None or s.step.future.done()]
+        return max(candidates, key=lambda s: s.rank, default=None)
+
+    def _preempt(self, session: Session) -> None:
+        token_bytes = self.pool.page_bytes(self.pool.keys.shape[0], 1, *self.pool.keys.shape[2:], self.pool.keys.dtype)
+        held = sum(seq.cache.length for seq in session.seqs if seq.cache.pages)
+        swap = self.swap_used + held * token_bytes <= self.swap_bytes
+        for seq in session.seqs:
+            if not seq.cache.pages:
+                continue
+            if swap:
+                seq.swapped = self.pool.read(seq.cache)
+                self.swap_used += seq.cache.length * token_bytes
+                length = seq.cache.length
+                self.pool.release(seq.cache)
+                seq.cache.length = length
+            else:
+                self.counters["recomputed_tokens"] += seq.cache.length
+                self.pool.release(seq.cache)
+        self.counters["preemptions"] += 1
+        self.counters["swapped_out" if swap else "dropped"] += 1
+        logger.info("preempted session %s (%s, %d tokens held): %s", session.id, PRIORITIES[session.priority], held,
+                    "swapped to host" if swap else "dropped, to recompute from its inputs")
+
+    def _swap_in(self, seq: Sequence) -> None:
+        keys, values = seq.swapped
+        self.pool.write(seq.cache, keys, values)
+        self._drop_swap(seq)
+
+    def _drop_swap(self, seq: Sequence) -> None:
+        if seq.swapped is not None:
+            keys, _ = seq.swapped
+            self.swap_used -= 2 * keys.numel() * keys.element_size()
+            seq.swapped = None
+
+    # ----- results -----
+
+    def _emit(self, session: Session, seq: Sequence, position: int, rows: torch.Tensor) -> None:
+        """Copy the outputs of positions [position, position + len(rows)) that the current step returns."""
+        first = max(position, seq.out_start)
+        if first < position + rows.shape[0]:
+            out_row = seq.out_row + first - seq.out_start
+            session.step.output[out_row:out_row + position + rows.shape[0] - first] = rows[first - position:]
+
+    def _complete(self, chunks: list[Chunk], out: torch.Tensor) -> None:
+        page_size, row = self.pool.page_size, 0
+        for chunk in chunks:
+            rows = out[row:row + chunk.length]
+            row += chunk.length
+            if chunk.session.closed:
+                continue
+            self._emit(chunk.session, chunk.seq, chunk.position, rows)
+            end = chunk.position + chunk.length
+            for index in range(-(-chunk.position // page_size), end // page_size):
+                key = self._page_key(chunk.session, chunk.seq, index)
+                if key is None:
+                    break
+                if self.pool.lookup(key) is None:
+                    offset = index * page_size - chunk.position
+                    self.pool.share(key, chunk.seq.cache, index, self._page_digest(chunk.seq, index),
+                                    rows[offset:offset + page_size].clone())
+        self.counters["forwards"] += 1
+        self.counters["batched_tokens"] += row
+        for session in {c.session for c in chunks}:
+            self._finish_if_done(session)
+
+    def _finish_if_done(self, session: Session) -> None:
+        step = session.step
+        if step is not None and all(seq.pending == 0 for seq in session.seqs):
+            session.step = None
+            if not step.future.done():
+                step.future.set_result(step.output)
+
+    def _fail(self, chunks: list[Chunk], error: Exception) -> None:
+        """Undo the failed steps, so each session stays as it was before its step."""
+        for session in {c.session for c in chunks}:
+            step, session.step = session.step, None
+            for seq, before in zip(session.seqs, step.received_before):
+                if seq.swapped is not None and seq.cache.length > before:
+                    self._drop_swap(seq)  # its host copy holds rows of the failed step: recompute instead
+                    seq.cache.length = 0
+                self.pool.truncate(seq.cache, min(seq.cache.length, before))
+                seq.forget_inputs_from(before)
+                if seq.page_keys is not None:
+                    del seq.page_keys[before // self.pool.page_size:]
+            if not step.future.done():
+                step.future.set_exception(error)
+
+    def stats(self) -> dict[str, int | float]:
+        pages_used = self.pool.num_pages - self.pool.free_pages
+        tokens = sum(seq.cache.length for s in self.sessions for seq in s.seqs if seq.cache.pages)
+        return {"sessions": len(self.sessions), "queued": len(self.waiting), "pages_total": self.pool.num_pages,
+                "pages_used": pages_used, "pages_shared": self.pool.shared_pages, "tokens_held": tokens,
+                "swap_bytes_used": self.swap_used, **self.counters}
