@@ -238,6 +238,7 @@ class Scheduler:
                         if session.closed:
                             self._release(session)
                     self._running = set()
+                await asyncio.sleep(0)  # let the steps just answered send their next ones into the next iteration
 
     def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
         session = chunks[0].session
@@ -333,11 +334,12 @@ class Scheduler:
         return placed
 
     def _pick_victim(self, requester: Session, protected: set[Session]) -> Session | None:
-        """The most junior resident session below the requester; else the most junior idle one, whose pages
-        no step needs now and which takes them back by seniority when it steps again."""
+        """The most junior resident session below the requester; else the most junior idle one of its priority
+        or lower, whose pages no step needs now and which takes them back by seniority when it steps again."""
         resident = [s for s in self.sessions if s is not requester and s not in protected and s.resident]
         juniors = [s for s in resident if s.rank > requester.rank]
-        candidates = juniors or [s for s in resident if s.step is None or s.step.future.done()]
+        candidates = juniors or [s for s in resident if s.priority >= requester.priority
+                                 and (s.step is None or s.step.future.done())]
         return max(candidates, key=lambda s: s.rank, default=None)
 
     def _preempt(self, session: Session) -> None:

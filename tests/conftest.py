@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -43,8 +44,6 @@ def assert_same_tokens(swarm_tokens, local_tokens, local_model, margin: float = 
 
     Packing sequences changes float results slightly (DESIGN.md), so a near-tie may flip; anything else fails.
     """
-    import torch
-
     if torch.equal(swarm_tokens, local_tokens):
         return
     assert swarm_tokens.shape == local_tokens.shape, f"{swarm_tokens.shape} != {local_tokens.shape}"
@@ -55,3 +54,18 @@ def assert_same_tokens(swarm_tokens, local_tokens, local_model, margin: float = 
     assert (top2[0] - top2[1]).item() < margin, (
         f"row {row} differs at position {col} where the reference margin is {(top2[0] - top2[1]).item():.2e}:\n"
         f"swarm {swarm_tokens[row].tolist()}\nlocal {local_tokens[row].tolist()}")
+
+
+def reference_hidden_states(model, ids):
+    """Inputs of the first decoder layer and outputs of the last one, for one sequence."""
+    layers = model.get_decoder().layers if hasattr(model.get_decoder(), "layers") else model.get_decoder().h
+    captured, outputs = {}, []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in layers]
+    hooks.append(layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(inputs=args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    with torch.no_grad():
+        model(ids[None])
+    for hook in hooks:
+        hook.remove()
+    return captured["inputs"][0], outputs[-1][0]

@@ -6,22 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from make_tiny_model import FAMILIES
 from node.kv_cache import PagePool, SequenceCache
+from conftest import reference_hidden_states
 from node.span import Span, UnsupportedModel
-
-
-def reference_hidden_states(model, ids):
-    """Inputs of the first decoder layer and outputs of every layer, for one sequence."""
-    layers = model.get_decoder().layers if hasattr(model.get_decoder(), "layers") else model.get_decoder().h
-    captured, outputs = {}, []
-    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-             for layer in layers]
-    hooks.append(layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: captured.update(inputs=args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
-    with torch.no_grad():
-        model(ids[None])
-    for hook in hooks:
-        hook.remove()
-    return captured["inputs"][0], outputs[-1][0]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
