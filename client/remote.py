@@ -1,16 +1,18 @@
 """The client's connection to the swarm: a client-mode DHT peer and its libp2p daemon.
 
-hivemind runs one background event loop per process for client-side networking (RemoteExpertWorker);
-the client's coroutines run there, so synchronous callers such as ``generate`` can wait on them.
+The client's networking runs on one background uvloop event loop per process; synchronous callers such as
+``generate`` (from any number of threads) wait on coroutines submitted to it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+import uvloop
 from hivemind.dht import DHT
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import P2P, PeerID
 
 from swarm import protocol
@@ -20,8 +22,22 @@ from swarm.records import NodeRecord, fetch_records
 T = TypeVar("T")
 
 
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _client_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = uvloop.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="swarm-client-loop", daemon=True).start()
+    return _loop
+
+
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
-    return RemoteExpertWorker.run_coroutine(coro)
+    """Run coro on the client's event loop and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coro, _client_loop()).result()
 
 
 class SwarmConnection:

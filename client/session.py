@@ -118,6 +118,12 @@ class InferenceSession:
         other positions are padding and come back as zeros. token_ids[i] are row i's new tokens: with them
         nodes can share KV pages between sessions with a common prefix (the ids themselves are not sent).
         """
+        return run_coroutine(self.astep(hidden, new_lengths, token_ids))
+
+    async def astep(self, hidden: torch.Tensor, new_lengths: list[int] | None = None,
+                    token_ids: list[list[int]] | None = None) -> torch.Tensor:
+        """step() for coroutines on the client's event loop (client.remote.run_coroutine): many sessions can
+        step concurrently from one thread, without threads contending for the GIL."""
         if self.closed:
             raise RuntimeError("the inference session is closed")
         batch, width, _ = hidden.shape
@@ -130,7 +136,7 @@ class InferenceSession:
                                  f"max_length {self.max_length}")
         packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)])
         page_hashes = self._extend_page_chains(token_ids)
-        out = run_coroutine(self._step(packed, new_lengths, page_hashes)).to(hidden.dtype)
+        out = (await self._step(packed, new_lengths, page_hashes)).to(hidden.dtype)
         result = torch.zeros_like(hidden)
         offset = 0
         for i, n in enumerate(new_lengths):

@@ -11,8 +11,8 @@ causal mask that the executor passes as attention_mask.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,19 +43,26 @@ class PackedBatch:
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, seqs: list[SequenceCache], new_lengths: list[int], slots: Callable[[SequenceCache, int, int], torch.Tensor],
-              num_layers: int, dtype: torch.dtype, device: torch.device) -> PackedBatch:
-        """slots(seq, start, end) gives the pool slots of a sequence's tokens [start, end)."""
-        positions, write_slots, read_slots, query_seq, key_seq, key_pos = [], [], [], [], [], []
-        for i, (seq, n) in enumerate(zip(seqs, new_lengths)):
-            past, total = seq.length, seq.length + n
-            positions.append(torch.arange(past, total))
-            write_slots.append(slots(seq, past, total))
-            read_slots.append(slots(seq, 0, total))
-            query_seq.append(torch.full((n,), i))
-            key_seq.append(torch.full((total,), i))
-            key_pos.append(torch.arange(total))
-        tensors = [torch.cat(parts).to(device) for parts in (positions, write_slots, read_slots, query_seq, key_seq, key_pos)]
+    def build(cls, seqs: list[SequenceCache], new_lengths: list[int], page_size: int, num_layers: int,
+              dtype: torch.dtype, device: torch.device) -> PackedBatch:
+        """Index tensors for the sequences' new tokens, computed for all sequences at once (one forward can
+        pack dozens of decodes, and per-sequence tensor ops would cost more than the tiny decode itself)."""
+        index = torch.arange(len(seqs))
+        past = torch.tensor([seq.length for seq in seqs])
+        new = torch.tensor(new_lengths)
+        total = past + new
+        query_seq = torch.repeat_interleave(index, new)
+        key_seq = torch.repeat_interleave(index, total)
+        positions = past[query_seq] + torch.arange(len(query_seq)) - (new.cumsum(0) - new)[query_seq]
+        key_pos = torch.arange(len(key_seq)) - (total.cumsum(0) - total)[key_seq]
+        pages = torch.tensor(list(itertools.chain.from_iterable(seq.pages for seq in seqs)), dtype=torch.long)
+        first_page = torch.tensor([0] + [len(seq.pages) for seq in seqs[:-1]]).cumsum(0)
+
+        def slots(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return pages[first_page[seq] + pos // page_size] * page_size + pos % page_size
+
+        tensors = [t.to(device) for t in (positions, slots(query_seq, positions), slots(key_seq, key_pos), query_seq,
+                                          key_seq, key_pos)]
         return cls(seqs, new_lengths, *tensors, dtype, [0] * num_layers, [0] * num_layers)
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions-per-peer", type=int, default=64, help="open sessions one client may hold")
     parser.add_argument("--max-queued-tokens-per-peer", type=int, default=65536,
                         help="tokens one client may have waiting for computation")
+    parser.add_argument("--num-threads", type=int,
+                        help="torch threads for compute (default: torch's choice); lower it when several nodes "
+                             "share a machine's cores")
     parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
     parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT record refreshes")
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> None:
     from node.server import Node, NodeConfig  # torch model code is imported only by the commands that need it
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     config = NodeConfig(
         model_path=args.model, model_name=args.model_name or model_name(args.model), start=args.blocks[0],

@@ -108,11 +108,13 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, span: Span, pool: PagePool, executor: Executor, *, max_batch_tokens: int = 512,
+    def __init__(self, span: Span, pool: PagePool, executor: Executor | None, *, max_batch_tokens: int = 512,
                  max_batch_size: int = 64, overcommit: float = 2.0, swap_bytes: int = 0, queue_timeout: float = 60.0):
         if max_batch_tokens <= max_batch_size:
             # decodes take at most max_batch_size tokens, so prefills always get part of every iteration
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_size ({max_batch_size})")
+        # With an executor, the event loop reads and answers frames while an accelerator computes; without one,
+        # forwards run on the loop, which a CPU node prefers: the forward needs the loop's cores anyway.
         self.span, self.pool, self.executor = span, pool, executor
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.overcommit, self.swap_bytes, self.queue_timeout = overcommit, swap_bytes, queue_timeout
@@ -227,7 +229,10 @@ class Scheduler:
                 hidden = torch.cat([c.seq.inputs(c.position, c.position + c.length) for c in chunks])
                 self._running = {c.session for c in chunks}
                 try:
-                    out = await loop.run_in_executor(self.executor, self._forward, chunks, hidden)
+                    if self.executor is None:
+                        out = self._forward(chunks, hidden)
+                    else:
+                        out = await loop.run_in_executor(self.executor, self._forward, chunks, hidden)
                 except Exception as e:  # a bug or a device error: these steps fail, the node goes on
                     logger.exception("forward failed for sessions %s", [s.id for s in self._running])
                     self._fail(chunks, e)

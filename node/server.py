@@ -88,7 +88,8 @@ class Node:
         model_max = getattr(self.span.config, "max_position_embeddings", None) or 2**31
         self.max_length = min(config.max_length or model_max, model_max, num_pages * config.page_size)
         self.hidden_size = self.span.config.hidden_size
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
+        on_cpu = self.span.device.type == "cpu"
+        self._compute = None if on_cpu else ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
         self.scheduler = Scheduler(self.span, self.pool, self._compute, max_batch_tokens=config.max_batch_tokens,
                                    max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
                                    swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
@@ -138,7 +139,8 @@ class Node:
             except Exception as e:
                 logger.warning("could not announce going offline: %s", e)
             self.dht.shutdown()
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        if self._compute is not None:
+            self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()

@@ -97,8 +97,7 @@ class Span:
                 shapes.append(tuple(key_states.shape[1::2]))
                 return key_states, value_states
 
-        seq = SequenceCache()
-        batch = PackedBatch.build([seq], [1], lambda s, a, b: torch.arange(a, b), self.layer_count, self.dtype, self.device)
+        batch = PackedBatch.build([SequenceCache(pages=[0])], [1], 1, self.layer_count, self.dtype, self.device)
         hidden = torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)
         self._run(hidden, batch, ShapeProbe(None, batch, self.start), self.start, self.end)
         for i, (updates, calls) in enumerate(zip(batch.cache_updates, batch.attention_calls)):
@@ -149,7 +148,7 @@ class Span:
         The sequences must already have pages for their new lengths (PagePool.reserve).
         """
         start, end = start if start is not None else self.start, end if end is not None else self.end
-        batch = PackedBatch.build(seqs, new_lengths, pool.slots, self.layer_count, self.dtype, self.device)
+        batch = PackedBatch.build(seqs, new_lengths, pool.page_size, self.layer_count, self.dtype, self.device)
         out = self._run(hidden, batch, PagedCache(pool, batch, self.start), start, end)
         for seq, n in zip(seqs, new_lengths):
             seq.length += n

@@ -23,11 +23,12 @@ def model(tiny_model):
     return Span(path, 0, 4), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_scheduler(span, num_pages, **options) -> Scheduler:
+def make_scheduler(span, num_pages, executor=True, **options) -> Scheduler:
+    """executor=False runs forwards on the event loop, as CPU nodes do."""
     pool = PagePool(span.layer_count, num_pages, PAGE, span.kv_heads, span.head_dim, torch.float32, "cpu")
     options.setdefault("max_batch_size", 8)
     options.setdefault("max_batch_tokens", 64)
-    return Scheduler(span, pool, ThreadPoolExecutor(1), **options)
+    return Scheduler(span, pool, ThreadPoolExecutor(1) if executor else None, **options)
 
 
 def new_session(max_length: int, priority: int = 0) -> Session:
@@ -80,10 +81,11 @@ def assert_matches(outputs, expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_concurrent_sessions_share_forwards_and_match_the_model(model):
+@pytest.mark.parametrize("executor", [True, False])
+def test_concurrent_sessions_share_forwards_and_match_the_model(model, executor):
     span, reference = model
     ids, expected = prompts(reference, [10, 13, 17, 26, 40, 33])
-    scheduler = make_scheduler(span, num_pages=128, max_batch_tokens=48)
+    scheduler = make_scheduler(span, num_pages=128, executor=executor, max_batch_tokens=48)
     prefill = [len(x) - 8 for x in ids]  # then 8 decode steps each
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, p)
                                for x, (inp, _), p in zip(ids, expected, prefill)))
@@ -93,12 +95,12 @@ def test_concurrent_sessions_share_forwards_and_match_the_model(model):
     assert scheduler.pool.free_pages == 128 and not scheduler.sessions
 
 
-@pytest.mark.parametrize("swap", [False, True])
-def test_preempted_sessions_resume_with_unchanged_outputs(model, swap):
+@pytest.mark.parametrize("swap, executor", [(False, True), (True, True), (False, False), (True, False)])
+def test_preempted_sessions_resume_with_unchanged_outputs(model, swap, executor):
     span, reference = model
     ids, expected = prompts(reference, [18, 20, 22, 19, 21, 23], seed=1)
     # 6 sessions of ~6 pages each over a pool of 14 pages: admitted by overcommit, preempted to make room
-    scheduler = make_scheduler(span, num_pages=14, overcommit=3.0, swap_bytes=2**30 if swap else 0)
+    scheduler = make_scheduler(span, num_pages=14, executor=executor, overcommit=3.0, swap_bytes=2**30 if swap else 0)
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, 8)
                                for x, (inp, _) in zip(ids, expected)))
     assert_matches(outputs, expected)

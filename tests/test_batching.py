@@ -1,0 +1,105 @@
+"""Many concurrent sessions through a real 2-node swarm: batching, oversubscription and prefix sharing stay exact."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import DistributedModelForCausalLM
+from client.remote import run_coroutine
+from conftest import assert_same_tokens
+
+PAGE_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # K and V x 2 layers x 16 tokens x 2 kv heads x head dim 16 x fp32
+
+
+def random_prompts(lengths, seed=0, prefix=()):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.tensor([*prefix, *torch.randint(1, 500, (n,), generator=generator).tolist()])[None] for n in lengths]
+
+
+def generate_concurrently(model, prompts, new_tokens):
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda ids: greedy(model, ids, new_tokens), prompts))
+
+
+def greedy(model, ids, new_tokens):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+
+
+def node_stats(model):
+    records = run_coroutine(model.connection.records(model.swarm_model_name))
+    return {r.start: run_coroutine(model.connection.node_stats(r.peer_id)) for r in records}
+
+
+def assert_all_match_local(swarm_outputs, prompts, local, new_tokens):
+    for ids, got in zip(prompts, swarm_outputs):
+        assert_same_tokens(got, greedy(local, ids, new_tokens), local)
+
+
+def test_twelve_concurrent_sessions_match_local_greedy(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--model-name", "concurrent-llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([3, 5, 8, 11, 14, 17, 20, 25, 31, 40, 52, 70])
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="concurrent-llama") as model:
+        outputs = generate_concurrently(model, prompts, new_tokens=16)
+        stats = node_stats(model)
+    assert_all_match_local(outputs, prompts, local, 16)
+    for node in stats.values():  # 12 prefills and 12 x 15 decodes per node, far fewer forwards
+        assert node["forwards"] < 12 * 16 and node["sessions"] == 0 and node["pages_used"] == 0
+
+
+def test_a_pool_for_four_sessions_serves_sixteen_with_preemptions(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    # each session holds at most 18 + 24 tokens = 3 pages; the pools have 12 pages, admission overcommits 4x
+    pool = ["--kv-cache-gb", str(12.5 * PAGE_BYTES / 2**30), "--kv-overcommit", "4"]
+    local_swarm.start_nodes(path, [(0, 2)], *pool, "--swap-gb", "0.01", "--model-name", "crowded-llama")
+    local_swarm.start_nodes(path, [(2, 4)], *pool, "--swap-gb", "0", "--model-name", "crowded-llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([4 + i for i in range(16)], seed=1)
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="crowded-llama") as model:
+        outputs = generate_concurrently(model, prompts, new_tokens=24)
+        stats = node_stats(model)
+    assert_all_match_local(outputs, prompts, local, 24)
+    swapping, recomputing = stats[0], stats[2]
+    assert swapping["pages_total"] == recomputing["pages_total"] == 12
+    assert swapping["preemptions"] > 0 and swapping["swapped_out"] == swapping["preemptions"]
+    assert recomputing["preemptions"] > 0 and recomputing["dropped"] == recomputing["preemptions"]
+    assert recomputing["recomputed_tokens"] > 0
+
+
+def test_eight_sessions_with_a_common_prefix_share_its_pages(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--model-name", "prefix-llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prefix = torch.randint(1, 500, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    prompts = random_prompts([3, 4, 5, 6, 7, 8, 9, 10], seed=3, prefix=prefix)
+    new_tokens = 8
+    held, release = threading.Barrier(len(prompts) + 1), threading.Barrier(len(prompts) + 1)
+
+    def generate_and_hold(ids):
+        with model.inference_session(max_length=ids.shape[1] + new_tokens):
+            out = greedy(model, ids, new_tokens)
+            held.wait()  # every session keeps its cache until the pages are counted
+            release.wait()
+        return out
+
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="prefix-llama") as model:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(generate_and_hold, ids) for ids in prompts]
+            held.wait()
+            stats = node_stats(model)
+            release.wait()
+            outputs = [f.result() for f in futures]
+    assert_all_match_local(outputs, prompts, local, new_tokens)
+    prefix_pages = 200 // 16
+    # each node holds prompt + new_tokens - 1 tokens per session: the prefix's full pages once, the rest privately
+    private = sum(-(-(ids.shape[1] + new_tokens - 1) // 16) - prefix_pages for ids in prompts)
+    for node in stats.values():
+        assert node["pages_used"] == prefix_pages + private < len(prompts) * prefix_pages
+        assert node["pages_shared"] == prefix_pages
+        assert node["prefix_pages_attached"] == (len(prompts) - 1) * prefix_pages
