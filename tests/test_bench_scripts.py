@@ -1,0 +1,20 @@
+"""Benchmarks under scripts/bench run end to end and print one JSON line of figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+
+
+def test_batching_bench_prints_one_json_line():
+    result = subprocess.run([sys.executable, str(BENCH / "batching.py"), "--sessions", "1", "3", "--new-tokens", "6"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = result.stdout.strip().splitlines()
+    figures = json.loads(line)
+    assert set(figures["tokens_per_s"]) == {"1", "3"} and all(rate > 0 for rate in figures["tokens_per_s"].values())
+    # each node holds every session's 20-token prompt and 6 decoded tokens: 26 tokens in 2 pages of 16
+    assert figures["tokens_held"]["3"] == 3 * 2 * 26 and figures["pages_used"]["3"] == 3 * 2 * 2
+    assert figures["kv_utilization"]["3"] == round(26 / 32, 3)
