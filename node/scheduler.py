@@ -256,12 +256,12 @@ class Scheduler:
     def _schedule(self) -> list[Chunk]:
         ready = [(s, seq) for s in self.sessions if s.step is not None and not s.step.future.done()
                  for seq in s.seqs if seq.pending > 0]
-        # decodes first; then by priority class, then by the step's arrival
         if not ready:
             return []
         # One forward runs one range of blocks: the range of the oldest step, so no range starves.
         oldest, _ = min(ready, key=lambda item: item[0].step.arrived)
         ready = [(s, seq) for s, seq in ready if (s.start, s.end) == (oldest.start, oldest.end)]
+        # decodes first; then by priority class, then by the step's arrival
         ready.sort(key=lambda item: (item[1].pending > 1, item[0].priority, item[0].step.arrived))
         chunks: list[Chunk] = []
         budget = self.max_batch_tokens
