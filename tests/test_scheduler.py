@@ -25,7 +25,7 @@ def model(tiny_model):
 
 def make_scheduler(span, num_pages, executor=True, **options) -> Scheduler:
     """executor=False runs forwards on the event loop, as CPU nodes do."""
-    pool = PagePool(span.layer_count, num_pages, PAGE, span.kv_heads, span.head_dim, torch.float32, "cpu")
+    pool = PagePool(span.layer_count, num_pages, PAGE, span.kv_heads, span.head_dim, torch.float32, span.device)
     options.setdefault("max_batch_size", 8)
     options.setdefault("max_batch_tokens", 64)
     return Scheduler(span, pool, ThreadPoolExecutor(1) if executor else None, **options)
@@ -107,6 +107,22 @@ def test_preempted_sessions_resume_with_unchanged_outputs(model, swap, executor)
     assert scheduler.counters["preemptions"] > 0
     assert scheduler.counters["swapped_out" if swap else "dropped"] == scheduler.counters["preemptions"]
     assert scheduler.pool.free_pages == 14 and scheduler.swap_used == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("swap", [False, True])
+def test_preemption_and_sharing_on_cuda_match_the_model(tiny_model, model, swap):
+    _, reference = model
+    span = Span(tiny_model("llama"), 0, 4, device="cuda")
+    prefix = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(7))
+    ids, expected = prompts(reference, [9, 11, 13, 10, 12, 14], seed=8, prefix=prefix)
+    scheduler = make_scheduler(span, num_pages=16, overcommit=3.0, swap_bytes=2**30 if swap else 0)
+    outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, 10)
+                               for x, (inp, _) in zip(ids, expected)))
+    assert_matches([out.cpu() for out in outputs], expected)
+    assert scheduler.counters["preemptions"] > 0 and scheduler.counters["prefix_pages_attached"] > 0
+    assert scheduler.pool.free_pages == 16
 
 
 def test_batch_priority_sessions_are_preempted_first(model):
