@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
         dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size, max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, kv_overcommit=args.kv_overcommit,
         swap_gb=args.swap_gb, queue_timeout=args.queue_timeout, max_sessions_per_peer=args.max_sessions_per_peer,
-        max_queued_tokens_per_peer=args.max_queued_tokens_per_peer, identity_path=args.identity, session_timeout=args.session_timeout, announce_period=args.announce_period,
+        max_queued_tokens_per_peer=args.max_queued_tokens_per_peer, identity_path=args.identity,
+        session_timeout=args.session_timeout, announce_period=args.announce_period,
     )
     node = Node(config)
     uvloop.run(node.run())

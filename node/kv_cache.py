@@ -66,6 +66,15 @@ class PagePool:
         return 2 * num_layers * page_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's keys and values over all local layers."""
+        return 2 * self.keys[:, 0].numel() * self.keys.element_size()
+
+    def full_pages(self, start: int, end: int) -> range:
+        """Indices of the pages that tokens [start, end) of a sequence cover completely."""
+        return range(-(-start // self.page_size), end // self.page_size)
+
+    @property
     def free_pages(self) -> int:
         return len(self._free)
 

@@ -286,7 +286,7 @@ class Scheduler:
         length = min(seq.pending, budget)
         if length < seq.pending and (start + length) // page_size * page_size > start:
             length = (start + length) // page_size * page_size - start  # end chunks on a page boundary
-        for index in range(-(-start // page_size), (start + length) // page_size):
+        for index in self.pool.full_pages(start, start + length):
             key = self._page_key(session, seq, index)
             if key is None:
                 break
@@ -348,15 +348,14 @@ class Scheduler:
         return max(candidates, key=lambda s: s.rank, default=None)
 
     def _preempt(self, session: Session) -> None:
-        token_bytes = self.pool.page_bytes(self.pool.keys.shape[0], 1, *self.pool.keys.shape[2:], self.pool.keys.dtype)
         held = sum(seq.cache.length for seq in session.seqs if seq.cache.pages)
-        swap = self.swap_used + held * token_bytes <= self.swap_bytes
+        swap = self.swap_used + held * self.pool.token_bytes <= self.swap_bytes
         for seq in session.seqs:
             if not seq.cache.pages:
                 continue
             if swap:
                 seq.swapped = self.pool.read(seq.cache)
-                self.swap_used += seq.cache.length * token_bytes
+                self.swap_used += seq.cache.length * self.pool.token_bytes
                 length = seq.cache.length
                 self.pool.release(seq.cache)
                 seq.cache.length = length
@@ -376,7 +375,7 @@ class Scheduler:
     def _drop_swap(self, seq: Sequence) -> None:
         if seq.swapped is not None:
             keys, _ = seq.swapped
-            self.swap_used -= 2 * keys.numel() * keys.element_size()
+            self.swap_used -= keys.shape[1] * self.pool.token_bytes
             seq.swapped = None
 
     # ----- results -----
@@ -397,7 +396,7 @@ class Scheduler:
                 continue
             self._emit(chunk.session, chunk.seq, chunk.position, rows)
             end = chunk.position + chunk.length
-            for index in range(-(-chunk.position // page_size), end // page_size):
+            for index in self.pool.full_pages(chunk.position, end):
                 key = self._page_key(chunk.session, chunk.seq, index)
                 if key is None:
                     break
