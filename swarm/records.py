@@ -40,7 +40,14 @@ class NodeRecord:
     free_pages: int
     page_size: int
     dtype: str  # dtype of hidden states on the wire
-    throughput: float = 0.0  # tokens/s, measured by the throughput probe (0 until it exists)
+    throughput: float = 0.0  # decode tokens/s through the whole span at batch 1 (throughput probe or --throughput)
+    prefill_throughput: float = 0.0  # prefill tokens/s through the whole span
+    sessions: int = 0  # sessions open now
+    queued: int = 0  # sessions waiting for KV cache room
+    rtts: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds to peers serving the next blocks
+    relayed: bool = False  # reachable only through a libp2p relay
+    addrs: list[str] = dataclasses.field(default_factory=list)  # multiaddrs to dial, when not the DHT's
+    public_name: str = ""
     version: str = SOFTWARE_VERSION
     protocol: int = PROTOCOL_VERSION
 
@@ -59,7 +66,20 @@ class NodeRecord:
         record = dataclasses.replace(record, state=NodeState(record.state))
         if not (isinstance(record.start, int) and isinstance(record.end, int) and 0 <= record.start < record.end):
             raise ValueError(f"bad span {record.start}:{record.end}")
+        numbers = (record.throughput, record.prefill_throughput, record.sessions, record.queued, record.free_pages)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in numbers):
+            raise ValueError("throughputs, sessions, queued and free_pages must be non-negative numbers")
+        if not (isinstance(record.rtts, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                                                       for k, v in record.rtts.items())):
+            raise ValueError("rtts must map peer ids to seconds")
+        if not (isinstance(record.addrs, list) and all(isinstance(a, str) for a in record.addrs)):
+            raise ValueError("addrs must list multiaddrs")
         return record
+
+    @property
+    def label(self) -> str:
+        """A short name for logs: the public name, else the end of the peer id."""
+        return self.public_name or self.peer_id[-6:]
 
 
 def model_key(model_name: str) -> str:
