@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from client.remote import SwarmConnection
 from client.session import InferenceSession
+from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import (
     CheckpointError,
     build_empty_model,
@@ -78,14 +79,19 @@ class DistributedModelForCausalLM:
 
     connection: SwarmConnection
     swarm_model_name: str
+    session_options: dict
     swarm_layers: SwarmLayers
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str], *, model_name_in_swarm: str | None = None,
-                        dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str] = PUBLIC_INITIAL_PEERS, *,
+                        model_name_in_swarm: str | None = None, dtype: torch.dtype = torch.float32,
+                        allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
+                        push: bool = True) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
-        model_name_in_swarm defaults to the folder's name, as for `swarm node`.
+        model_name_in_swarm defaults to the folder's name, as for `swarm node`. allowed_nodes / blocked_nodes
+        (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
+        itself instead of nodes sending it to the next node.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -106,6 +112,7 @@ class DistributedModelForCausalLM:
         if (Path(path) / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         model.swarm_model_name = model_name_in_swarm or model_name(path)
+        model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push}
         model._detect_layer_output_convention()
         model.connection = SwarmConnection(initial_peers)
         return model
@@ -136,7 +143,8 @@ class DistributedModelForCausalLM:
         """
         if self.swarm_layers.run is not None:
             raise RuntimeError("an inference session is already open on this model in this thread")
-        with InferenceSession(self.connection, self.swarm_model_name, self.num_blocks, max_length, batch_size) as session:
+        with InferenceSession(self.connection, self.swarm_model_name, self.num_blocks, max_length, batch_size,
+                              **self.session_options) as session:
             with self.swarm_layers.bind(session):
                 yield session
 

@@ -7,6 +7,7 @@ The client's networking runs on one background uvloop event loop per process; sy
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -15,11 +16,13 @@ import uvloop
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
 
-from swarm import protocol
-from swarm.protocol import pack, read_frame, write_frame
+from swarm import rpc
+from swarm.protocol import pack
 from swarm.records import NodeRecord, fetch_records
+from swarm.routing import Probe
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -55,17 +58,23 @@ class SwarmConnection:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
         return reader, writer
 
+    async def probe(self, records: Sequence[NodeRecord], timeout: float = 5.0) -> dict[str, Probe]:
+        """Ping the nodes at once: round trip and live load of each one that answered."""
+        answers = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout) for r in records),
+                                       return_exceptions=True)
+        probes = {}
+        for record, answer in zip(records, answers):
+            if isinstance(answer, BaseException):
+                logger.info("node %s did not answer a ping: %r", record.label, answer)
+                continue
+            rtt, reply = answer
+            probes[record.peer_id] = Probe(rtt, int(reply.get("sessions", 0)), int(reply.get("queued", 0)))
+        return probes
+
     async def node_stats(self, peer_id: str) -> dict:
-        """A node's scheduler figures: sessions, queue, pages used and shared, preemptions, forwards."""
-        reader, writer = await self.open_stream(peer_id, protocol.INFERENCE_HANDLER)
-        try:
-            await write_frame(writer, pack("stats"))
-            reply = await read_frame(reader)
-        finally:
-            writer.close()
-        if reply is None:
-            raise ConnectionError(f"node {peer_id} closed the stream")
-        return protocol.unpack(reply)
+        """A node's figures: span, state, scheduler counters (sessions, pages, preemptions...) and its sessions'
+        chains (where each one's outputs are pushed)."""
+        return await rpc.call(self.p2p, peer_id, pack("stats"))
 
     def shutdown(self) -> None:
         run_coroutine(self.p2p.shutdown())

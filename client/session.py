@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 
 import torch
 
 from client.remote import SwarmConnection, run_coroutine
 from swarm import protocol
 from swarm.protocol import decode_tensor, encode_tensor, pack, read_frame, write_frame
+from swarm.records import NodeState
 from swarm.routing import Hop, RoutingError, plan_route
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class SpanSession:
         self.session_id: str | None = None
         self.queued_s = 0.0  # how long the node kept the session waiting for KV cache room
         self.wire_dtype = protocol.DTYPES[hop.node.dtype]
+        # every step's (lengths, input rows), whether the client sent them or the previous node pushed them:
+        # what a replacement node would have to replay
+        self.inputs: list[tuple[list[int], torch.Tensor]] = []
 
     @classmethod
     async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int,
@@ -46,6 +51,9 @@ class SpanSession:
 
     async def _request(self, frame: bytes) -> dict:
         await write_frame(self.writer, frame)
+        return await self._reply()
+
+    async def _reply(self) -> dict:
         reply = await read_frame(self.reader)
         if reply is None:
             raise ConnectionError(f"node {self.hop.node.peer_id} closed the stream")
@@ -54,11 +62,27 @@ class SpanSession:
             raise NodeError(self.hop.node.peer_id, message.get("code", "error"), message.get("message", ""))
         return message
 
+    def next_hop(self, page_hashes: list[list[bytes]] | None) -> dict:
+        """Where a previous node pushes this span's input."""
+        return {"peer": self.hop.node.peer_id, "session": self.session_id, "page_hashes": page_hashes,
+                "dtype": self.hop.node.dtype}
+
+    async def send(self, hidden: torch.Tensor, lengths: list[int], page_hashes: list[list[bytes]] | None = None,
+                   push: list[dict] | None = None) -> None:
+        """Send a step; with push, the node sends its output on to push[0], which sends it on to push[1]..."""
+        self.inputs.append((lengths, hidden))
+        await write_frame(self.writer, pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes,
+                                            hidden=encode_tensor(hidden.to(self.wire_dtype)), push=push))
+
+    async def receive(self) -> tuple[torch.Tensor, bool]:
+        """The output of this span's next step, and whether the node pushed it on to the next node."""
+        reply = await self._reply()
+        return decode_tensor(reply["hidden"]), reply.get("pushed", False)
+
     async def step(self, hidden: torch.Tensor, lengths: list[int],
                    page_hashes: list[list[bytes]] | None = None) -> torch.Tensor:
-        reply = await self._request(pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes,
-                                         hidden=encode_tensor(hidden.to(self.wire_dtype))))
-        return decode_tensor(reply["hidden"])
+        await self.send(hidden, lengths, page_hashes)
+        return (await self.receive())[0]
 
     async def close(self) -> None:
         try:
@@ -73,13 +97,18 @@ class InferenceSession:
 
     Use as a context manager; ``step`` sends hidden states after the embeddings and returns them before
     the final norm. ``lengths`` counts the tokens each sequence holds. priority "batch" lets nodes serve
-    interactive sessions first and preempt this one before them.
+    interactive sessions first and preempt this one before them. The chain is the one of least expected
+    latency (swarm/routing.py) among allowed_nodes (all, if None) less blocked_nodes (peer ids). With push,
+    each node sends its output straight to the next one and the client waits only for the last; without it,
+    the client carries every hop's output itself.
     """
 
     def __init__(self, connection: SwarmConnection, model_name: str, num_blocks: int, max_length: int,
-                 batch_size: int = 1, priority: str = "interactive"):
+                 batch_size: int = 1, priority: str = "interactive", *, push: bool = True,
+                 allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = ()):
         self.connection, self.model_name, self.num_blocks = connection, model_name, num_blocks
         self.max_length, self.batch_size, self.priority = max_length, batch_size, priority
+        self.push, self.allowed_nodes, self.blocked_nodes = push, allowed_nodes, set(blocked_nodes)
         self.lengths = [0] * batch_size
         # token ids and their page-hash chains, per page size, so nodes can share cache pages of equal prefixes;
         # None once a step came without token ids
@@ -100,8 +129,11 @@ class InferenceSession:
         if not records:
             raise RoutingError(f"no node announces model {self.model_name!r}: the name is unknown to the swarm "
                                "or all its nodes are offline")
-        route = plan_route(self.model_name, records, self.num_blocks, self.max_length)
-        logger.info("route: %s", " -> ".join(f"{hop.node.peer_id[-6:]}[{hop.start}:{hop.end}]" for hop in route))
+        candidates = [r for r in records if r.state == NodeState.ONLINE and r.peer_id not in self.blocked_nodes
+                      and (self.allowed_nodes is None or r.peer_id in self.allowed_nodes)]
+        probes = await self.connection.probe(candidates)
+        route = plan_route(self.model_name, candidates, self.num_blocks, self.max_length, probes=probes)
+        logger.info("route: %s", " -> ".join(f"{hop.node.label}[{hop.start}:{hop.end}]" for hop in route))
         try:
             for hop in route:
                 self.spans.append(await SpanSession.open(self.connection, hop, self.max_length, self.batch_size,
@@ -165,9 +197,22 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, lengths: list[int],
                     page_hashes: dict[int, list[list[bytes]]] | None) -> torch.Tensor:
-        for span in self.spans:
-            hashes = page_hashes[span.hop.node.page_size] if page_hashes is not None else None
-            hidden = await span.step(hidden, lengths, hashes)
+        hashes = [page_hashes[span.hop.node.page_size] if page_hashes is not None else None for span in self.spans]
+        if not self.push:
+            for span, span_hashes in zip(self.spans, hashes):
+                hidden = await span.step(hidden, lengths, span_hashes)
+            return hidden
+        chain = [span.next_hop(span_hashes) for span, span_hashes in zip(self.spans, hashes)]
+        await self.spans[0].send(hidden, lengths, hashes[0], push=chain[1:])
+        for i, span in enumerate(self.spans):
+            # every node answers on its own stream; the last answer is the result, the others are kept for replay
+            hidden, pushed = await span.receive()
+            if i + 1 < len(self.spans):
+                following = self.spans[i + 1]
+                if pushed:
+                    following.inputs.append((lengths, hidden))
+                else:  # the node could not reach the next one: carry its output there ourselves
+                    await following.send(hidden, lengths, hashes[i + 1], push=chain[i + 2:])
         return hidden
 
     def close(self) -> None:

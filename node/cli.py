@@ -8,6 +8,7 @@ import logging
 import torch
 import uvloop
 
+from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import model_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,11 +26,32 @@ def parse_blocks(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local folder of a transformers checkpoint (safetensors)")
-    parser.add_argument("--blocks", type=parse_blocks, required=True, help="span of blocks to serve, START:END")
+    parser.add_argument("--blocks", type=parse_blocks,
+                        help="span of blocks to serve, START:END (default: the span the swarm needs most, "
+                             "re-checked every --balance-period)")
+    parser.add_argument("--num-blocks", type=int, help="span length without --blocks (default: as many as fit "
+                                                        "in memory next to the KV cache)")
     parser.add_argument("--model-name", help="name the swarm knows the model by (default: the folder's name)")
-    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers in the swarm")
+    parser.add_argument("--initial-peers", nargs="*", default=PUBLIC_INITIAL_PEERS,
+                        help="multiaddrs of peers in the swarm (default: the public swarm's bootstrap peers)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0 picks a free one)")
+    parser.add_argument("--public-ip", help="address others dial to reach this node (behind port forwarding); "
+                                            "needs --port")
+    parser.add_argument("--announce-maddrs", nargs="*", default=[], help="multiaddrs others dial to reach this node")
+    parser.add_argument("--public-name", default="", help="a display name shown by `swarm status`")
+    parser.add_argument("--relay-via", nargs="*", default=[],
+                        help="multiaddrs of relay peers: when this node is not directly reachable, it is "
+                             "announced through them and says so in its record")
+    parser.add_argument("--relay-hop", action="store_true", help="relay connections for peers that are not "
+                                                                 "directly reachable")
+    parser.add_argument("--throughput", type=float, help="decode tokens/s to announce instead of measuring them")
+    parser.add_argument("--balance-period", type=float, default=120.0,
+                        help="seconds between checks whether moving the span makes the swarm faster (0: never)")
+    parser.add_argument("--balance-margin", type=float, default=0.2,
+                        help="move only if the swarm's weakest block gets this much faster (0.2 = 20%%)")
+    parser.add_argument("--drain-timeout", type=float, default=600.0,
+                        help="seconds a moving node waits for its sessions to end before it stays instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="memory for the paged KV cache")
@@ -63,13 +85,21 @@ def run(args: argparse.Namespace) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    announce_maddrs = list(args.announce_maddrs)
+    if args.public_ip:
+        if not args.port:
+            raise SystemExit("--public-ip needs a fixed --port that others can dial")
+        announce_maddrs.append(f"/ip4/{args.public_ip}/tcp/{args.port}")
     config = NodeConfig(
-        model_path=args.model, model_name=args.model_name or model_name(args.model), start=args.blocks[0],
-        end=args.blocks[1], initial_peers=args.initial_peers, host=args.host, port=args.port, device=args.device,
-        dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size, max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, kv_overcommit=args.kv_overcommit,
-        swap_gb=args.swap_gb, queue_timeout=args.queue_timeout, max_sessions_per_peer=args.max_sessions_per_peer,
-        max_queued_tokens_per_peer=args.max_queued_tokens_per_peer, identity_path=args.identity,
+        model_path=args.model, model_name=args.model_name or model_name(args.model), blocks=args.blocks,
+        num_blocks=args.num_blocks, initial_peers=args.initial_peers, host=args.host, port=args.port,
+        device=args.device, dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
+        max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
+        kv_overcommit=args.kv_overcommit, swap_gb=args.swap_gb, queue_timeout=args.queue_timeout,
+        max_sessions_per_peer=args.max_sessions_per_peer, max_queued_tokens_per_peer=args.max_queued_tokens_per_peer,
+        throughput=args.throughput, balance_period=args.balance_period, balance_margin=args.balance_margin,
+        drain_timeout=args.drain_timeout, identity_path=args.identity, announce_maddrs=announce_maddrs,
+        relay_via=args.relay_via, relay_hop=args.relay_hop, public_name=args.public_name,
         session_timeout=args.session_timeout, announce_period=args.announce_period,
     )
     node = Node(config)

@@ -228,6 +228,7 @@ class Scheduler:
             while chunks := self._schedule():
                 hidden = torch.cat([c.seq.inputs(c.position, c.position + c.length) for c in chunks])
                 self._running = {c.session for c in chunks}
+                began = time.perf_counter()
                 try:
                     if self.executor is None:
                         out = self._forward(chunks, hidden)
@@ -239,6 +240,7 @@ class Scheduler:
                 else:
                     self._complete(chunks, out)
                 finally:
+                    self.counters["forward_s"] += time.perf_counter() - began
                     for session in self._running:
                         if session.closed:
                             self._release(session)

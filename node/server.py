@@ -1,31 +1,40 @@
 """The node daemon: serves inference sessions over libp2p streams and announces itself in the DHT.
 
-One stream is one session: the client opens it with an ``open`` frame, sends ``step`` frames of hidden
-states, and the session ends (its pages return to the pool) when the client closes the stream, sends
-``close``, or sends nothing for longer than the session timeout. Every frame is validated before it touches
+One stream is one session: the client opens it with an ``open`` frame and the session ends (its pages return
+to the pool) when the client closes the stream, sends ``close``, or goes idle for longer than the session
+timeout. A step's input comes from the client (a ``step`` frame) or from the previous node of the session's
+chain (pushed over a ``swarm.push`` stream); either way the output goes back to the client on the session's
+stream and, when the step says so, straight on to the next node. Every frame is validated before it touches
 the cache; a bad frame gets an error reply and the session stays as it was. Admission, batching across
-sessions and preemption are the scheduler's (node/scheduler.py).
+sessions and preemption are the scheduler's (node/scheduler.py); where to serve is swarm/balancing.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
+import random
 import signal
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hivemind.dht import DHT
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from node.kv_cache import PagePool
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
-from node.span import Span
-from swarm import protocol
+from node.span import Span, block_bytes
+from node.throughput import Throughput, cached_estimate, model_identity, probe
+from swarm import protocol, rpc
+from swarm.balancing import better_start, choose_span
+from swarm.checkpoint import load_config
 from swarm.protocol import (
     PAGE_HASH_BYTES,
     ProtocolError,
@@ -36,9 +45,13 @@ from swarm.protocol import (
     read_frame,
     write_frame,
 )
-from swarm.records import NodeRecord, NodeState, announce
+from swarm.records import NodeRecord, NodeState, announce, fetch_records
 
 logger = logging.getLogger(__name__)
+
+MAX_JOIN_ROUNDS = 16  # of re-choosing a span while other nodes join at the same time
+MAX_RTT_PEERS = 5  # peers serving the next blocks whose round trip a node measures and announces
+MAX_CHAIN_LENGTH = 256
 
 
 class RequestError(ValueError):
@@ -53,9 +66,9 @@ class RequestError(ValueError):
 class NodeConfig:
     model_path: str
     model_name: str
-    start: int
-    end: int
     initial_peers: list[str]
+    blocks: tuple[int, int] | None = None  # None: choose the span the swarm needs most
+    num_blocks: int | None = None  # span length when choosing; None: as many as memory holds
     host: str = "127.0.0.1"
     port: int = 0
     device: str = "cpu"
@@ -70,113 +83,282 @@ class NodeConfig:
     queue_timeout: float = 60.0
     max_sessions_per_peer: int = 64
     max_queued_tokens_per_peer: int = 65536
+    throughput: float | None = None  # decode tokens/s to announce instead of measuring
+    balance_period: float = 120.0  # seconds between rebalancing checks (0: never move)
+    balance_margin: float = 0.2  # move only if the swarm's weakest block gets this much faster
+    drain_timeout: float = 600.0  # how long a moving node waits for its sessions to end before it stays
+    join_wait: float = 2.0  # seconds to let other joining nodes' choices reach the DHT
     identity_path: str | None = None
+    announce_maddrs: list[str] = field(default_factory=list)
+    relay_via: list[str] = field(default_factory=list)  # relays this node is reached through (not directly)
+    relay_hop: bool = False  # relay other peers' connections
+    public_name: str = ""
     session_timeout: float = 300.0
     announce_period: float = 10.0
     record_ttl: float = 30.0
 
 
+@dataclass(eq=False)
+class ClientStream:
+    """A session's stream from its client. Replies go here, also for steps that the previous node pushed."""
+
+    session: Session
+    writer: asyncio.StreamWriter
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or a push
+    next_hop: tuple[str, str] | None = None  # (peer id, session id) this session's outputs were pushed to last
+    last_active: float = field(default_factory=time.monotonic)
+
+
 class Node:
+    """A node daemon. It joins the DHT, takes a span (given, or chosen from the swarm's records), measures its
+    throughput, serves sessions, and moves its span when that makes the swarm clearly faster."""
+
     def __init__(self, config: NodeConfig):
         self.config = config
-        self.span = Span(config.model_path, config.start, config.end, config.device, config.dtype)
-        page_bytes = PagePool.page_bytes(self.span.layer_count, config.page_size, self.span.kv_heads,
-                                         self.span.head_dim, config.dtype)
-        num_pages = int(config.kv_cache_gb * 2**30) // page_bytes
-        self.pool = PagePool(self.span.layer_count, num_pages, config.page_size, self.span.kv_heads,
-                             self.span.head_dim, config.dtype, config.device)
-        model_max = getattr(self.span.config, "max_position_embeddings", None) or 2**31
-        self.max_length = min(config.max_length or model_max, model_max, num_pages * config.page_size)
-        self.hidden_size = self.span.config.hidden_size
-        on_cpu = self.span.device.type == "cpu"
-        self._compute = None if on_cpu else ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
-        self.scheduler = Scheduler(self.span, self.pool, self._compute, max_batch_tokens=config.max_batch_tokens,
-                                   max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
-                                   swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
+        self.model_config = load_config(config.model_path)
+        self.device = torch.device(config.device)
+        self.span: Span | None = None
+        self.pool: PagePool | None = None
+        self.scheduler: Scheduler | None = None
+        self.max_length = 0
+        self.throughput = Throughput(0.0, 0.0)
+        self.start, self.end = config.blocks or (0, 0)
         self.state = NodeState.JOINING
+        self.rtts: dict[str, float] = {}
+        self.streams: dict[str, ClientStream] = {}  # by session id
+        self._push_writers: dict[str, asyncio.StreamWriter] = {}
+        self._compute = None if self.device.type == "cpu" else ThreadPoolExecutor(1, thread_name_prefix="span")
+        self._scheduler_task: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
-        logger.info("loaded blocks %d:%d of %s; KV cache of %d pages x %d tokens; sessions up to %d tokens",
-                    config.start, config.end, config.model_name, num_pages, config.page_size, self.max_length)
+
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
 
     def record(self) -> NodeRecord:
-        return NodeRecord(peer_id=self.dht.peer_id.to_base58(), start=self.config.start, end=self.config.end,
-                          state=self.state, max_length=self.max_length, free_pages=self.pool.free_pages,
-                          page_size=self.config.page_size, dtype=protocol.DTYPE_NAMES[self.config.dtype])
+        stats = self.scheduler.stats() if self.scheduler else {}
+        return NodeRecord(peer_id=self.peer_id, start=self.start, end=self.end, state=self.state,
+                          max_length=self.max_length, free_pages=self.pool.free_pages if self.pool else 0,
+                          page_size=self.config.page_size, dtype=protocol.DTYPE_NAMES[self.config.dtype],
+                          throughput=self.throughput.decode, prefill_throughput=self.throughput.prefill,
+                          sessions=stats.get("sessions", 0), queued=stats.get("queued", 0), rtts=self.rtts,
+                          relayed=bool(self.config.relay_via), addrs=self.config.announce_maddrs,
+                          public_name=self.config.public_name)
+
+    async def _announce(self) -> None:
+        await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        scheduler = asyncio.create_task(self.scheduler.run())
         self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=self.config.identity_path,
-                       host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"])
+                       host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
+                       announce_maddrs=self.config.announce_maddrs or None, use_relay_hop=self.config.relay_hop)
         try:
             self.p2p = await self.dht.replicate_p2p()
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
-            await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
-            self.state = NodeState.ONLINE
+            await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
+            start, end = self.config.blocks or await self._choose_span()
+            await self._serve(start, end)
             for maddr in self.dht.get_visible_maddrs():
-                print(f"node serving {self.config.model_name} blocks {self.config.start}:{self.config.end} at {maddr}",
-                      flush=True)
-            while not self._stop.is_set():
-                await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
-                try:
-                    await asyncio.wait_for(self._stop.wait(), self.config.announce_period)
-                except asyncio.TimeoutError:
-                    pass
+                print(f"node serving {self.config.model_name} blocks {self.start}:{self.end} at {maddr}", flush=True)
+            await self._keep_announcing()
         finally:
-            scheduler.cancel()
             await self._shutdown()
+
+    async def _keep_announcing(self) -> None:
+        next_balance = self._next_balance_time()
+        while not self._stop.is_set():
+            records = await fetch_records(self.dht, self.config.model_name)
+            self.rtts = await self._measure_rtts(records)
+            await self._announce()
+            if time.monotonic() >= next_balance:
+                await self._rebalance()
+                next_balance = self._next_balance_time()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.config.announce_period)
+
+    def _next_balance_time(self) -> float:
+        # jittered, so that nodes which see the same hole do not all move into it at once
+        if not self.config.balance_period or self.config.blocks:
+            return float("inf")
+        return time.monotonic() + self.config.balance_period * random.uniform(0.5, 1.5)
+
+    # ----- span choice, loading, rebalancing -----
+
+    def _span_length(self) -> int:
+        total = self.model_config.num_hidden_layers
+        if self.config.num_blocks:
+            return min(self.config.num_blocks, total)
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2  # leave half to the rest
+        budget = free - self.config.kv_cache_gb * 2**30 - self.config.swap_gb * 2**30 * (self.device.type == "cpu")
+        fits = int(budget * 0.9) // block_bytes(self.config.model_path, self.config.dtype)
+        if fits < 1:
+            raise RuntimeError(f"not enough memory for one block of {self.config.model_name} next to a "
+                               f"{self.config.kv_cache_gb} GB KV cache")
+        return min(fits, total)
+
+    def _estimated_throughput(self, length: int, records: list[NodeRecord]) -> float:
+        """Before the span is loaded: the cached probe of this model on this device, else the swarm's median."""
+        if self.config.throughput:
+            return self.config.throughput
+        cached = cached_estimate(model_identity(self.config.model_name, self.model_config), length, self.device,
+                                 self.config.dtype)
+        if cached:
+            return cached
+        others = sorted(r.throughput * (r.end - r.start) / length for r in records if r.throughput > 0)
+        return others[len(others) // 2] if others else 1.0
+
+    async def _choose_span(self) -> tuple[int, int]:
+        """Take the span the swarm needs most. Nodes joining at the same time announce their choices as
+        joining and re-choose, each seeing those that sort before it, until no choice changes."""
+        length = self._span_length()
+        num_blocks = self.model_config.num_hidden_layers
+        previous = None
+        for _ in range(MAX_JOIN_ROUNDS):
+            records = await fetch_records(self.dht, self.config.model_name)
+            self.throughput = Throughput(self._estimated_throughput(length, records), 0.0)
+            choice = choose_span(records, num_blocks, length, self.throughput.decode, self.peer_id)
+            if choice == previous:
+                break
+            previous, self.start, self.end = choice, choice, choice + length
+            await self._announce()
+            await asyncio.sleep(self.config.join_wait * random.uniform(1, 1.5))
+        logger.info("chose blocks %d:%d of %d", self.start, self.end, num_blocks)
+        return self.start, self.end
+
+    async def _serve(self, start: int, end: int) -> None:
+        """Load blocks [start, end), measure them and go online."""
+        self.state, self.start, self.end = NodeState.JOINING, start, end
+        await self._announce()
+        config = self.config
+        self.span = await asyncio.to_thread(Span, config.model_path, start, end, config.device, config.dtype)
+        page_bytes = PagePool.page_bytes(self.span.layer_count, config.page_size, self.span.kv_heads,
+                                         self.span.head_dim, config.dtype)
+        num_pages = int(config.kv_cache_gb * 2**30) // page_bytes
+        self.pool = PagePool(self.span.layer_count, num_pages, config.page_size, self.span.kv_heads,
+                             self.span.head_dim, config.dtype, config.device)
+        model_max = getattr(self.model_config, "max_position_embeddings", None) or 2**31
+        self.max_length = min(config.max_length or model_max, model_max, num_pages * config.page_size)
+        if config.throughput:
+            self.throughput = Throughput(config.throughput, config.throughput)
+        else:
+            self.throughput = await asyncio.to_thread(probe, self.span, self.pool, config.model_name)
+        self.scheduler = Scheduler(self.span, self.pool, self._compute, max_batch_tokens=config.max_batch_tokens,
+                                   max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
+                                   swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
+        self._scheduler_task = asyncio.create_task(self.scheduler.run())
+        self.state = NodeState.ONLINE
+        await self._announce()
+        logger.info("serving blocks %d:%d of %s at %.1f tokens/s; KV cache of %d pages x %d tokens; sessions up to "
+                    "%d tokens", start, end, config.model_name, self.throughput.decode, num_pages, config.page_size,
+                    self.max_length)
+
+    async def _rebalance(self) -> None:
+        records = await fetch_records(self.dht, self.config.model_name)
+        me = self.record()
+        target = better_start(records, self.model_config.num_hidden_layers, me, self.config.balance_margin)
+        if target is None:
+            return
+        length = self.end - self.start
+        logger.info("moving from blocks %d:%d to %d:%d makes the swarm faster: draining", self.start, self.end,
+                    target, target + length)
+        self.state = NodeState.DRAINING
+        await self._announce()
+        if not await self._drained():
+            logger.warning("sessions did not end within %.0f s; staying on blocks %d:%d", self.config.drain_timeout,
+                           self.start, self.end)
+            self.state = NodeState.ONLINE
+            await self._announce()
+            return
+        self._scheduler_task.cancel()
+        self.span = self.pool = self.scheduler = None  # free the old span before loading the new one
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        await self._serve(target, target + length)
+
+    async def _drained(self) -> bool:
+        """Wait until every session here has ended (new ones are refused while draining)."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.scheduler.sessions or self.scheduler.waiting:
+            if time.monotonic() > deadline or self._stop.is_set():
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def _measure_rtts(self, records: list[NodeRecord]) -> dict[str, float]:
+        """Round trips to a few online peers serving the block after this span, for clients' routing."""
+        following = [r for r in records if r.start <= self.end < r.end and r.peer_id != self.peer_id
+                     and r.state == NodeState.ONLINE]
+        following = random.sample(following, min(len(following), MAX_RTT_PEERS))
+        rtts = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout=5) for r in following),
+                                    return_exceptions=True)
+        return {r.peer_id: rtt[0] for r, rtt in zip(following, rtts) if not isinstance(rtt, BaseException)}
 
     async def _shutdown(self) -> None:
         logger.info("shutting down")
         self.state = NodeState.OFFLINE
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
         if self.dht is not None and self.dht.is_alive():
             try:
-                await asyncio.wait_for(announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl), 5)
+                await asyncio.wait_for(self._announce(), 5)
             except Exception as e:
                 logger.warning("could not announce going offline: %s", e)
             self.dht.shutdown()
         if self._compute is not None:
             self._compute.shutdown(wait=False, cancel_futures=True)
 
+    # ----- serving sessions -----
+
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()
-        session = None
+        stream: ClientStream | None = None
         try:
             while True:
                 try:
                     frame = await asyncio.wait_for(read_frame(reader), self.config.session_timeout)
                 except asyncio.TimeoutError:
+                    if stream is not None and time.monotonic() - stream.last_active < self.config.session_timeout:
+                        continue  # its steps arrive pushed by the previous node
                     logger.info("closing an idle stream from %s", peer)
                     break
                 if frame is None:
                     break
+                message = None
                 try:
                     message = protocol.unpack(frame)
+                    if message["type"] == "step":
+                        if stream is None or message.get("session") != stream.session.id:
+                            raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; "
+                                                                  "open one first")
+                        await self._run_step(stream, message)
+                        continue
                     if message["type"] == "open":
-                        if session is not None:
+                        if stream is not None:
                             raise RequestError("bad_request", "this stream already has an open session")
                         session = self._new_session(message, peer)
                         queued = await self._admit(session)
+                        stream = self.streams[session.id] = ClientStream(session, writer)
                         reply = pack("opened", session=session.id, max_length=session.max_length, queued_s=queued)
-                    elif message["type"] == "step":
-                        reply = await self._step(session, message, peer)
+                    elif message["type"] == "ping":
+                        reply = pack("pong", state=self.state.value, **self._load())
                     elif message["type"] == "stats":
-                        reply = pack("stats", **self.scheduler.stats())
+                        reply = pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start,
+                                     end=self.end, state=self.state.value, throughput=self.throughput.decode,
+                                     chains=self._chains())
                     elif message["type"] == "close":
                         break
                     else:
                         raise RequestError("bad_request", f"unknown message type {message['type']!r}")
-                except ProtocolError as e:
-                    reply = error_frame("bad_frame", str(e))
-                except RequestError as e:
-                    reply = error_frame(e.code, str(e))
-                except Exception as e:  # a bug on our side: this request fails, the node and the session go on
-                    logger.exception("error serving a request from %s", peer)
-                    reply = error_frame("internal", f"node error: {type(e).__name__}: {e}")
+                except Exception as e:
+                    reply = self._error_reply(e, peer)
                 await write_frame(writer, reply)
         except ProtocolError as e:  # framing is lost (oversized or truncated frame): say why, then end the stream
             logger.info("dropping the stream from %s: %s", peer, e)
@@ -185,22 +367,115 @@ class Node:
         except ConnectionError as e:
             logger.debug("stream from %s ended: %s", peer, e)
         finally:
-            if session is not None:
-                self.scheduler.close(session)
-                logger.info("closed session %s; %d pages free", session.id, self.pool.free_pages)
+            if stream is not None:
+                del self.streams[stream.session.id]
+                self.scheduler.close(stream.session)
+                logger.info("closed session %s; %d pages free", stream.session.id, self.pool.free_pages)
             writer.close()
+
+    @staticmethod
+    def _error_reply(error: Exception, peer: str) -> bytes:
+        if isinstance(error, ProtocolError):
+            return error_frame("bad_frame", str(error))
+        if isinstance(error, RequestError):
+            return error_frame(error.code, str(error))
+        # a bug on our side: this request fails, the node and the session go on
+        logger.error("error serving a request from %s", peer, exc_info=error)
+        return error_frame("internal", f"node error: {type(error).__name__}: {error}")
+
+    async def _handle_push(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Steps pushed by the previous node of sessions' chains; each runs as if its client had sent it, and
+        the reply (or error) goes to that client."""
+        peer = stream_info.peer_id.to_base58()
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                try:
+                    message = protocol.unpack(frame)
+                    stream = self.streams.get(message.get("session"))
+                    if message["type"] != "step" or stream is None:
+                        raise RequestError("unknown_session", "pushed frames must be steps of open sessions")
+                except (ProtocolError, RequestError) as e:
+                    logger.info("ignoring a push from %s: %s", peer, e)
+                    continue
+                asyncio.create_task(self._run_step(stream, message))
+        except (ProtocolError, ConnectionError) as e:
+            logger.info("push stream from %s ended: %s", peer, e)
+        finally:
+            writer.close()
+
+    async def _run_step(self, stream: ClientStream, message: dict) -> None:
+        """Compute a step, push its output to the next node if asked, and reply to the client."""
+        session = stream.session
+        stream.last_active = time.monotonic()
+        async with stream.lock:
+            try:
+                chain = self._push_chain(message.get("push"))
+                out = await self._step(session, message)
+                pushed = bool(chain) and await self._push(stream, chain, out, message["lengths"])
+                reply = pack("output", session=session.id, hidden=encode_tensor(out), pushed=pushed)
+            except Exception as e:
+                reply = self._error_reply(e, session.peer)
+            with contextlib.suppress(ConnectionError):
+                await write_frame(stream.writer, reply)
+
+    @staticmethod
+    def _push_chain(chain: Any) -> list[dict]:
+        """The rest of the session's chain, in order: where this step's output goes next."""
+        if chain is None:
+            return []
+        if not isinstance(chain, list) or len(chain) > MAX_CHAIN_LENGTH or not all(
+                isinstance(hop, dict) and isinstance(hop.get("peer"), str) and isinstance(hop.get("session"), str)
+                and hop.get("dtype") in protocol.DTYPES for hop in chain):
+            raise RequestError("bad_request", f"push must list up to {MAX_CHAIN_LENGTH} maps of peer, session and "
+                                              "dtype")
+        return chain
+
+    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
+        """Send the output to the next node as its step; False if it could not be sent (the client then sends it)."""
+        target, rest = chain[0], chain[1:]
+        frame = pack("step", session=target["session"], lengths=lengths, page_hashes=target.get("page_hashes"),
+                     hidden=encode_tensor(out.to(protocol.DTYPES[target["dtype"]])), push=rest or None)
+        peer = target["peer"]
+        try:
+            if peer not in self._push_writers:
+                _, _, writer = await asyncio.wait_for(
+                    self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol.PUSH_HANDLER), 5)
+                self._push_writers[peer] = writer
+            await write_frame(self._push_writers[peer], frame)
+        except Exception as e:
+            logger.info("could not push to %s: %s", peer, e)
+            writer = self._push_writers.pop(peer, None)
+            if writer is not None:
+                writer.close()
+            return False
+        stream.next_hop = (peer, target["session"])
+        return True
+
+    def _load(self) -> dict[str, int]:
+        stats = self.scheduler.stats() if self.scheduler else {}
+        return {"sessions": stats.get("sessions", 0), "queued": stats.get("queued", 0),
+                "free_pages": self.pool.free_pages if self.pool else 0}
+
+    def _chains(self) -> list[dict]:
+        """Each session here and where its outputs go, under digests of the session ids: the ids themselves let
+        anyone push steps into a session, so they are never shown."""
+        return [{"session": _digest(session_id), "client": stream.session.peer, "start": stream.session.start,
+                 "end": stream.session.end,
+                 "next": None if stream.next_hop is None else {"peer": stream.next_hop[0],
+                                                                "session": _digest(stream.next_hop[1])}}
+                for session_id, stream in self.streams.items()]
 
     def _new_session(self, message: dict, peer: str) -> Session:
         if self.state != NodeState.ONLINE:
             raise RequestError("unavailable", f"node is {self.state.value}")
         max_length, batch_size = message.get("max_length"), message.get("batch_size", 1)
-        start, end = message.get("start", self.config.start), message.get("end", self.config.end)
+        start, end = message.get("start", self.start), message.get("end", self.end)
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("start", start), ("end", end)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise RequestError("bad_request", f"{name} must be an integer, got {value!r}")
-        if not self.config.start <= start < end <= self.config.end:
+        if not self.start <= start < end <= self.end:
             raise RequestError("bad_request", f"blocks {start}:{end} are not within this node's span "
-                                              f"{self.config.start}:{self.config.end}")
+                                              f"{self.start}:{self.end}")
         if not 1 <= max_length <= self.max_length:
             raise RequestError("too_long", f"max_length {max_length} is outside what this node accepts (1..{self.max_length})")
         if not 1 <= batch_size <= self.config.max_batch_size:
@@ -223,9 +498,7 @@ class Node:
                     PRIORITIES[session.priority], queued)
         return queued
 
-    async def _step(self, session: Session | None, message: dict, peer: str) -> bytes:
-        if session is None or message.get("session") != session.id:
-            raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; open one first")
+    async def _step(self, session: Session, message: dict) -> torch.Tensor:
         lengths = message.get("lengths")
         if (not isinstance(lengths, list) or len(lengths) != len(session.seqs)
                 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths)):
@@ -234,8 +507,8 @@ class Node:
         expected_dtype = protocol.DTYPE_NAMES[self.config.dtype]
         if message["hidden"]["dtype"] != expected_dtype:
             raise RequestError("bad_tensor", f"hidden states must be {expected_dtype}, got {message['hidden']['dtype']}")
-        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or hidden.shape[0] != sum(lengths):
-            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
+        if hidden.dim() != 2 or hidden.shape[1] != self.model_config.hidden_size or hidden.shape[0] != sum(lengths):
+            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.model_config.hidden_size}] "
                                              f"(tokens in this step, hidden size), got {list(hidden.shape)}")
         for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
             if seq.received + n > session.max_length:
@@ -244,13 +517,12 @@ class Node:
         page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
         if not torch.isfinite(hidden).all():
             raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
-        if self.scheduler.pending_tokens(peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
+        if self.scheduler.pending_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
             raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
                                        "waiting here; retry when its steps finish")
         if sum(lengths) == 0:
-            return pack("output", session=session.id, hidden=encode_tensor(hidden))
-        out = await self.scheduler.submit(session, hidden, lengths, page_keys)
-        return pack("output", session=session.id, hidden=encode_tensor(out))
+            return hidden
+        return await self.scheduler.submit(session, hidden, lengths, page_keys)
 
     def _page_keys(self, session: Session, page_hashes: Any, lengths: list[int]) -> list[list[bytes]] | None:
         """Check the token-hash chain of the pages each sequence completes in this step (None: not sent)."""
@@ -267,3 +539,7 @@ class Node:
                                                   f"{PAGE_HASH_BYTES} bytes, one per page of {page_size} tokens "
                                                   "this step completes")
         return page_hashes
+
+
+def _digest(session_id: str) -> str:
+    return hashlib.blake2b(session_id.encode(), digest_size=6).hexdigest()

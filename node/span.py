@@ -153,3 +153,10 @@ class Span:
         for seq, n in zip(seqs, new_lengths):
             seq.length += n
         return out
+
+
+def block_bytes(model_path: str | Path, dtype: torch.dtype) -> int:
+    """Memory for one decoder block's weights: its parameters counted on the meta device, nothing loaded."""
+    model = build_empty_model(load_config(model_path), dtype, "eager")
+    _, layers = find_layers(model)
+    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)

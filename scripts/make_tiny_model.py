@@ -57,12 +57,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
                                    bos_token="<|endoftext|>", pad_token="<pad>")
 
 
-def make_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, shard_size: str | None = None) -> Path:
-    """Write a random model of the family and a tokenizer to path; shard_size (e.g. "50KB") shards the weights."""
+def make_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, shard_size: str | None = None,
+                    **config_overrides) -> Path:
+    """Write a random model of the family and a tokenizer to path; shard_size (e.g. "50KB") shards the weights;
+    config_overrides replace fields of the family's tiny config (num_hidden_layers=6, ...)."""
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
-    config = AutoConfig.for_model(family, **FAMILIES[family], bos_token_id=tokenizer.bos_token_id,
+    config = AutoConfig.for_model(family, **{**FAMILIES[family], **config_overrides}, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id

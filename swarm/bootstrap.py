@@ -8,6 +8,10 @@ import threading
 
 from hivemind.dht import DHT
 
+# Multiaddrs of the public swarm's bootstrap peers, the default of every --initial-peers. Empty until the
+# public swarm has one: until then, start a private swarm with `swarm bootstrap`.
+PUBLIC_INITIAL_PEERS: list[str] = []
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")

@@ -19,6 +19,7 @@ import torch
 
 PROTOCOL_VERSION = 1
 INFERENCE_HANDLER = "swarm.inference.v1"
+PUSH_HANDLER = "swarm.push.v1"  # node to node: steps of a session's chain, pushed by the previous node
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -69,3 +70,16 @@ def reference_hidden_states(model, ids):
     for hook in hooks:
         hook.remove()
     return captured["inputs"][0], outputs[-1][0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def throughput_cache(tmp_path_factory):
+    """Nodes started by tests cache their throughput probes here, not in the user's home."""
+    path = tmp_path_factory.mktemp("swarm-cache")
+    previous = os.environ.get("SWARM_CACHE_DIR")
+    os.environ["SWARM_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["SWARM_CACHE_DIR"]
+    else:
+        os.environ["SWARM_CACHE_DIR"] = previous

@@ -1,0 +1,38 @@
+"""One-shot requests to a node over a fresh libp2p stream: ping (round trip and live load) and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from hivemind.p2p import P2P, PeerID
+
+from swarm import protocol
+from swarm.protocol import pack, read_frame, write_frame
+
+
+async def call(p2p: P2P, peer_id: str, frame: bytes, timeout: float = 10.0) -> dict:
+    """Send one frame on the inference protocol and return the decoded reply."""
+
+    async def exchange() -> dict:
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol.INFERENCE_HANDLER)
+        try:
+            await write_frame(writer, frame)
+            reply = await read_frame(reader)
+        finally:
+            writer.close()
+        if reply is None:
+            raise ConnectionError(f"node {peer_id} closed the stream")
+        return protocol.unpack(reply)
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+async def ping(p2p: P2P, peer_id: str, timeout: float = 5.0, tries: int = 2) -> tuple[float, dict]:
+    """Best round trip in seconds over a few pings (the first also opens the connection), and the last reply."""
+    best, reply = float("inf"), {}
+    for _ in range(tries):
+        began = time.perf_counter()
+        reply = await call(p2p, peer_id, pack("ping"), timeout)
+        best = min(best, time.perf_counter() - began)
+    return best, reply
