@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
         drain_timeout=args.drain_timeout, identity_path=args.identity, announce_maddrs=announce_maddrs,
         relay_via=args.relay_via, relay_hop=args.relay_hop, public_name=args.public_name,
         session_timeout=args.session_timeout, announce_period=args.announce_period,
+        record_ttl=3 * args.announce_period,  # a node that vanished drops out of routing after three missed refreshes
     )
     node = Node(config)
     uvloop.run(node.run())

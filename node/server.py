@@ -172,9 +172,9 @@ class Node:
     async def _keep_announcing(self) -> None:
         next_balance = self._next_balance_time()
         while not self._stop.is_set():
-            records = await fetch_records(self.dht, self.config.model_name)
-            self.rtts = await self._measure_rtts(records)
             await self._announce()
+            records = await fetch_records(self.dht, self.config.model_name)
+            self.rtts = await self._measure_rtts(records)  # announced with the next refresh
             if time.monotonic() >= next_balance:
                 await self._rebalance()
                 next_balance = self._next_balance_time()
@@ -297,7 +297,8 @@ class Node:
         following = [r for r in records if r.start <= self.end < r.end and r.peer_id != self.peer_id
                      and r.state == NodeState.ONLINE]
         following = random.sample(following, min(len(following), MAX_RTT_PEERS))
-        rtts = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout=5) for r in following),
+        timeout = min(5.0, self.config.announce_period)  # a dead peer must not delay the next refresh much
+        rtts = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout) for r in following),
                                     return_exceptions=True)
         return {r.peer_id: rtt[0] for r, rtt in zip(following, rtts) if not isinstance(rtt, BaseException)}
 

@@ -65,18 +65,23 @@ class LocalSwarm:
         self.initial_peers = [line for line in self._wait_ready(process, "/p2p/", timeout) if "/p2p/" in line]
         return self.initial_peers
 
-    def start_nodes(self, model: str | Path, spans: list[tuple[int, int]], *extra: str,
+    def start_nodes(self, model: str | Path, spans: list[tuple[int, int] | None], *extra: str,
                     timeout: float = 120) -> list[subprocess.Popen]:
-        """Start one node per (start, end) span, all at once, and wait until every one serves."""
+        """Start one node per (start, end) span, all at once, and wait until every one serves. A span of None
+        starts a node without --blocks: it picks its span itself."""
         processes = [
-            self._spawn(f"node-{len(self.processes)}-{start}-{end}",
-                        SWARM + ["node", "--model", str(model), "--blocks", f"{start}:{end}",
+            self._spawn(f"node-{len(self.processes)}-{f'{span[0]}-{span[1]}' if span else 'auto'}",
+                        SWARM + ["node", "--model", str(model), *(["--blocks", f"{span[0]}:{span[1]}"] if span else []),
                                  "--initial-peers", *self.initial_peers, *extra])
-            for start, end in spans
+            for span in spans
         ]
         for process in processes:
-            self._wait_ready(process, "node serving", timeout)
+            ready = self._wait_ready(process, "node serving", timeout)[-1]
+            process.peer_id = ready.rsplit("/p2p/", 1)[-1]
         return processes
+
+    def node_process(self, peer_id: str) -> subprocess.Popen:
+        return next(p for p in self.processes if getattr(p, "peer_id", None) == peer_id)
 
     def stop(self, timeout: float = 15) -> None:
         for process in self.processes:

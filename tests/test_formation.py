@@ -1,0 +1,133 @@
+"""Swarm formation on loopback with real DHT and p2pd: push chains, span choice, rebalancing, load spreading."""
+
+import time
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import DistributedModelForCausalLM
+from client.remote import run_coroutine
+from client.session import InferenceSession
+from conftest import assert_same_tokens
+from swarm.records import NodeState
+
+FAST = ["--announce-period", "1"]  # records refresh every second and expire after three
+
+
+def records_of(model):
+    return run_coroutine(model.connection.records(model.swarm_model_name))
+
+
+def wait_for(condition, timeout: float, what: str, show=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} {show()}")
+
+
+def coverage(records, num_blocks):
+    online = [r for r in records if r.state == NodeState.ONLINE]
+    return [sum(r.start <= b < r.end for r in online) for b in range(num_blocks)]
+
+
+def test_push_chain_generates_exactly_and_the_client_keeps_every_span_input(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 3), (3, 4)], "--throughput", "100")
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    expected = local.generate(ids, max_new_tokens=8, do_sample=False)
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        with model.inference_session(max_length=20) as session:
+            pushed = model.generate(ids, max_new_tokens=8, do_sample=False)
+            assert [(s.hop.start, s.hop.end) for s in session.spans] == [(0, 2), (2, 3), (3, 4)]
+            steps = len(session.spans[0].inputs)
+            assert steps == 8 and all(len(s.inputs) == steps for s in session.spans)
+            # what reached node 2 (pushed by node 1) is what node 1 computed: run node 1's blocks locally
+            prompt_in = session.spans[1].inputs[0][1]
+            captured = {}
+            hook = local.model.layers[1].register_forward_hook(
+                lambda m, a, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
+            with torch.no_grad():
+                local(ids)
+            hook.remove()
+            torch.testing.assert_close(prompt_in, captured["h"][0], rtol=1e-4, atol=1e-4)
+            # each node shows the session's chain: where its outputs went
+            first, second = (run_coroutine(model.connection.node_stats(s.hop.node.peer_id)) for s in session.spans[:2])
+            [link] = first["chains"]
+            assert link["next"]["peer"] == session.spans[1].hop.node.peer_id
+            assert link["next"]["session"] == second["chains"][0]["session"]
+        model.session_options["push"] = False
+        carried = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert_same_tokens(pushed, expected, local)
+    assert torch.equal(pushed, carried)
+
+
+def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, local_swarm):
+    path = tiny_model("llama", num_hidden_layers=6)
+    options = ["--num-blocks", "2", "--throughput", "100", "--balance-period", "2", *FAST]
+    local_swarm.start_nodes(path, [None] * 6, *options)
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        records = wait_for(lambda: (r := records_of(model)) and coverage(r, 6) == [2] * 6 and r, 30,
+                           "two nodes on every block")
+        assert sorted((r.start, r.end) for r in records) == [(0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6)]
+        # kill both nodes of one span: others move in within a bounded time
+        for record in records:
+            if record.start == 2:
+                local_swarm.node_process(record.peer_id).kill()
+        wait_for(lambda: min(coverage(records_of(model), 6)) >= 1, 60, "every block covered again")
+        local_swarm.start_nodes(path, [None] * 2, *options)
+        wait_for(lambda: coverage(records_of(model), 6) == [2] * 6, 60, "two nodes on every block again",
+                 lambda: [(r.start, r.end, r.state.value) for r in records_of(model)])
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = torch.tensor([[7, 21, 30]])
+        assert_same_tokens(model.generate(ids, max_new_tokens=5, do_sample=False),
+                           local.generate(ids, max_new_tokens=5, do_sample=False), local)
+
+
+def test_a_moving_node_lets_its_session_finish(tiny_model, local_swarm):
+    path = tiny_model("llama", num_hidden_layers=6)
+    local_swarm.start_nodes(path, [(0, 3), (3, 6)], "--throughput", "100", *FAST)
+    local_swarm.start_nodes(path, [None], "--num-blocks", "3", "--throughput", "100", "--balance-period", "1", *FAST)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([[11, 12, 13, 14]])
+    expected = local.generate(ids, max_new_tokens=12, do_sample=False)
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        mover = next(r for r in records_of(model) if "auto" in local_swarm.node_process(r.peer_id).name)
+        fixed = [r.peer_id for r in records_of(model) if r.peer_id != mover.peer_id and r.start == 3]
+        model.session_options["allowed_nodes"] = {mover.peer_id, *fixed}
+        with model.inference_session(max_length=20):
+            tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+            # blocks 3:6 become the weakest: a fast node joins on 0:3, so the mover wants to go to 3:6
+            local_swarm.start_nodes(path, [(0, 3)], "--throughput", "400", *FAST)
+            wait_for(lambda: any(r.peer_id == mover.peer_id and r.state == NodeState.DRAINING
+                                 for r in records_of(model)), 30, "the auto node to start draining")
+            for _ in range(8):  # the session goes on while its node drains
+                tokens = model.generate(tokens, max_new_tokens=1, do_sample=False)
+        assert_same_tokens(tokens, expected, local)
+        wait_for(lambda: any(r.peer_id == mover.peer_id and r.state == NodeState.ONLINE and r.start == 3
+                             for r in records_of(model)), 60, "the auto node to serve blocks 3:6")
+
+
+def test_clients_take_the_faster_chain_and_spread_by_capacity(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--throughput", "300")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--throughput", "100")
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        speed = {r.peer_id: r.throughput for r in records_of(model)}
+        with InferenceSession(model.connection, model.swarm_model_name, 4, 32) as alone:
+            assert [speed[s.hop.node.peer_id] for s in alone.spans] == [300, 300]
+        sessions = []
+        try:
+            for _ in range(16):  # each client opens while the others hold theirs, as a stream of users would
+                sessions.append(InferenceSession(model.connection, model.swarm_model_name, 4, 32).__enter__())
+            per_speed = Counter(speed[s.hop.node.peer_id] for session in sessions for s in session.spans)
+        finally:
+            for session in sessions:
+                session.close()
+    # per block, 16 sessions split 3:1 -> 12 and 4; both blocks together 24 and 8
+    assert 20 <= per_speed[300] <= 28 and per_speed[300] + per_speed[100] == 32, per_speed
