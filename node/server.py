@@ -46,6 +46,7 @@ from swarm.protocol import (
     write_frame,
 )
 from swarm.records import NodeRecord, NodeState, announce, fetch_records
+from swarm.relays import RELAY_OPTIONS, relayed_peer_options
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class NodeConfig:
     identity_path: str | None = None
     announce_maddrs: list[str] = field(default_factory=list)
     relay_via: list[str] = field(default_factory=list)  # relays this node is reached through (not directly)
-    relay_hop: bool = False  # relay other peers' connections
+    relay: bool = False  # relay connections for peers that are not directly reachable
     public_name: str = ""
     session_timeout: float = 300.0
     announce_period: float = 10.0
@@ -156,7 +157,9 @@ class Node:
             loop.add_signal_handler(sig, self._stop.set)
         self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=self.config.identity_path,
                        host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
-                       announce_maddrs=self.config.announce_maddrs or None, use_relay_hop=self.config.relay_hop)
+                       announce_maddrs=self.config.announce_maddrs or None,
+                       **(relayed_peer_options(self.config.relay_via) if self.config.relay_via else {}),
+                       **(RELAY_OPTIONS if self.config.relay else {}))
         try:
             self.p2p = await self.dht.replicate_p2p()
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)

@@ -38,9 +38,10 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], netns: str | None = None) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = open(self.log_dir / f"{name}.log", "w")
+        args = ["ip", "netns", "exec", netns, *args] if netns else args
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         process.name = name
         self.processes.append(process)
@@ -60,19 +61,20 @@ class LocalSwarm:
         raise RuntimeError(f"{process.name} did not start; its output:\n" + "\n".join(lines)
                            + "\n" + log.read_text()[-3000:])
 
-    def start_bootstrap(self, timeout: float = 60) -> list[str]:
-        process = self._spawn("bootstrap", SWARM + ["bootstrap", "--host", "127.0.0.1", "--port", "0"])
-        self.initial_peers = [line for line in self._wait_ready(process, "/p2p/", timeout) if "/p2p/" in line]
+    def start_bootstrap(self, *extra: str, netns: str | None = None, timeout: float = 60) -> list[str]:
+        """Start a bootstrap peer (on 127.0.0.1 unless extra says --host); returns its multiaddrs."""
+        process = self._spawn("bootstrap", SWARM + ["bootstrap", "--host", "127.0.0.1", "--port", "0", *extra], netns)
+        self.initial_peers = self._wait_ready(process, "/p2p/", timeout)[-1].split()
         return self.initial_peers
 
     def start_nodes(self, model: str | Path, spans: list[tuple[int, int] | None], *extra: str,
-                    timeout: float = 120) -> list[subprocess.Popen]:
+                    netns: str | None = None, timeout: float = 120) -> list[subprocess.Popen]:
         """Start one node per (start, end) span, all at once, and wait until every one serves. A span of None
-        starts a node without --blocks: it picks its span itself."""
+        starts a node without --blocks: it picks its span itself. netns: a network namespace to run them in."""
         processes = [
             self._spawn(f"node-{len(self.processes)}-{f'{span[0]}-{span[1]}' if span else 'auto'}",
                         SWARM + ["node", "--model", str(model), *(["--blocks", f"{span[0]}:{span[1]}"] if span else []),
-                                 "--initial-peers", *self.initial_peers, *extra])
+                                 "--initial-peers", *self.initial_peers, *extra], netns)
             for span in spans
         ]
         for process in processes:

@@ -8,6 +8,8 @@ import threading
 
 from hivemind.dht import DHT
 
+from swarm.relays import RELAY_OPTIONS
+
 # Multiaddrs of the public swarm's bootstrap peers, the default of every --initial-peers. Empty until the
 # public swarm has one: until then, start a private swarm with `swarm bootstrap`.
 PUBLIC_INITIAL_PEERS: list[str] = []
@@ -18,14 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for a local swarm)")
     parser.add_argument("--port", type=int, default=31337, help="TCP port (0 picks a free one)")
     parser.add_argument("--initial-peers", nargs="*", default=[], help="join an existing swarm through these multiaddrs")
+    parser.add_argument("--relay", action="store_true", help="relay connections for nodes that are not directly "
+                                                            "reachable (they join with --relay-via)")
 
 
 def run(args: argparse.Namespace) -> None:
     dht = DHT(initial_peers=args.initial_peers, start=True, identity_path=args.identity,
-              host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
+              host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], **(RELAY_OPTIONS if args.relay else {}))
     print("bootstrap peer is up; pass these to --initial-peers:", flush=True)
-    for maddr in dht.get_visible_maddrs():
-        print(maddr, flush=True)
+    print(" ".join(str(maddr) for maddr in dht.get_visible_maddrs()), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -3,7 +3,6 @@
 import time
 from collections import Counter
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
