@@ -10,6 +10,7 @@ text and tokens/s, and stops every process it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,7 +43,8 @@ class LocalSwarm:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = open(self.log_dir / f"{name}.log", "w")
         args = ["ip", "netns", "exec", netns, *args] if netns else args
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        # its own process group: killing a node must also end its DHT process and libp2p daemon
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
         process.name = name
         self.processes.append(process)
         return process
@@ -85,6 +87,13 @@ class LocalSwarm:
     def node_process(self, peer_id: str) -> subprocess.Popen:
         return next(p for p in self.processes if getattr(p, "peer_id", None) == peer_id)
 
+    @staticmethod
+    def kill(process: subprocess.Popen) -> None:
+        """End a child at once, as a crash or power cut would, with the processes it started."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
     def stop(self, timeout: float = 15) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -93,8 +102,8 @@ class LocalSwarm:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                pass
+            self.kill(process)  # whatever the child left behind in its group
         self.processes = []
 
 

@@ -77,7 +77,7 @@ def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, l
         # kill both nodes of one span: others move in within a bounded time
         for record in records:
             if record.start == 2:
-                local_swarm.node_process(record.peer_id).kill()
+                local_swarm.kill(local_swarm.node_process(record.peer_id))
         wait_for(lambda: min(coverage(records_of(model), 6)) >= 1, 60, "every block covered again")
         local_swarm.start_nodes(path, [None] * 2, *options)
         wait_for(lambda: coverage(records_of(model), 6) == [2] * 6, 60, "two nodes on every block again",
