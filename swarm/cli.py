@@ -9,6 +9,7 @@ from swarm import bootstrap
 
 
 def main(argv: list[str] | None = None) -> None:
+    from client import status
     from node import cli as node_cli
 
     parser = argparse.ArgumentParser(prog="swarm", description="Serve and use language models from a swarm of nodes.")
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     bootstrap_parser = commands.add_parser("bootstrap", help="start a DHT-only peer that others join through")
     bootstrap.add_arguments(bootstrap_parser)
     bootstrap_parser.set_defaults(run=bootstrap.run)
+    status_parser = commands.add_parser("status", help="show a model's nodes, block coverage and sessions")
+    status.add_arguments(status_parser)
+    status_parser.set_defaults(run=status.run)
     args = parser.parse_args(argv)
     try:
         args.run(args)
