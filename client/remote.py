@@ -68,7 +68,8 @@ class SwarmConnection:
                 logger.info("node %s did not answer a ping: %r", record.label, answer)
                 continue
             rtt, reply = answer
-            probes[record.peer_id] = Probe(rtt, int(reply.get("sessions", 0)), int(reply.get("queued", 0)))
+            probes[record.peer_id] = Probe(rtt, int(reply.get("sessions", 0)), int(reply.get("queued", 0)),
+                                           int(reply.get("free_pages", record.free_pages)))
         return probes
 
     async def node_stats(self, peer_id: str) -> dict:

@@ -145,8 +145,7 @@ class Node:
                           page_size=self.config.page_size, dtype=protocol.DTYPE_NAMES[self.config.dtype],
                           throughput=self.throughput.decode, prefill_throughput=self.throughput.prefill,
                           sessions=stats.get("sessions", 0), queued=stats.get("queued", 0), rtts=self.rtts,
-                          relayed=bool(self.config.relay_via), addrs=self.config.announce_maddrs,
-                          public_name=self.config.public_name)
+                          relayed=bool(self.config.relay_via), public_name=self.config.public_name)
 
     async def _announce(self) -> None:
         await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
@@ -166,7 +165,11 @@ class Node:
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
             start, end = self.config.blocks or await self._choose_span()
             await self._serve(start, end)
-            for maddr in self.dht.get_visible_maddrs():
+            try:
+                maddrs = self.dht.get_visible_maddrs()
+            except ValueError:  # a relayed node has no address of its own until its relay slot is reserved
+                maddrs = [f"/p2p/{self.peer_id}"]
+            for maddr in maddrs:
                 print(f"node serving {self.config.model_name} blocks {self.start}:{self.end} at {maddr}", flush=True)
             await self._keep_announcing()
         finally:

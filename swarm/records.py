@@ -46,7 +46,6 @@ class NodeRecord:
     queued: int = 0  # sessions waiting for KV cache room
     rtts: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds to peers serving the next blocks
     relayed: bool = False  # reachable only through a libp2p relay
-    addrs: list[str] = dataclasses.field(default_factory=list)  # multiaddrs to dial, when not the DHT's
     public_name: str = ""
     version: str = SOFTWARE_VERSION
     protocol: int = PROTOCOL_VERSION
@@ -72,8 +71,6 @@ class NodeRecord:
         if not (isinstance(record.rtts, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
                                                        for k, v in record.rtts.items())):
             raise ValueError("rtts must map peer ids to seconds")
-        if not (isinstance(record.addrs, list) and all(isinstance(a, str) for a in record.addrs)):
-            raise ValueError("addrs must list multiaddrs")
         return record
 
     @property

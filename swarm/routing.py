@@ -4,7 +4,8 @@ A chain is a path over (block, node) states: from block b, a node serving b can 
 block boundary up to its span's end. A hop costs the network delay from the previous node (half the round
 trip: with server-to-server push, a step's output travels one way to the next node), a fixed per-hop
 overhead, and the node's compute time for those blocks, stretched by its load: a node running s sessions
-is counted (1 + s) times slower.
+(queued ones and, if its free cache pages cannot hold the session, the one it would preempt included) is
+counted (1 + s) times slower.
 That makes many clients spread over replicas in proportion to their speed instead of piling onto one.
 Dijkstra finds the cheapest chain.
 """
@@ -58,6 +59,7 @@ class Probe:
     rtt: float
     sessions: int
     queued: int = 0
+    free_pages: int | None = None
 
 
 def plan_route(model_name: str, records: Iterable[NodeRecord], num_blocks: int, max_length: int, *,
@@ -82,10 +84,10 @@ def plan_route(model_name: str, records: Iterable[NodeRecord], num_blocks: int, 
             longest = max(r.max_length for r in online if r.start <= block < r.end)
             raise RoutingError(f"sessions of {max_length} tokens exceed what the nodes serving block {block} of "
                                f"{model_name!r} accept (at most {longest})")
-    return _cheapest_chain(usable, num_blocks, probes or {}, rng)
+    return _cheapest_chain(usable, num_blocks, max_length, probes or {}, rng)
 
 
-def _cheapest_chain(nodes: list[NodeRecord], num_blocks: int, probes: Mapping[str, Probe],
+def _cheapest_chain(nodes: list[NodeRecord], num_blocks: int, max_length: int, probes: Mapping[str, Probe],
                     rng: random.Random) -> list[Hop]:
     def rtt(node: NodeRecord) -> float:
         probe = probes.get(node.peer_id)
@@ -99,6 +101,9 @@ def _cheapest_chain(nodes: list[NodeRecord], num_blocks: int, probes: Mapping[st
     def compute(node: NodeRecord, blocks: int) -> float:
         probe = probes.get(node.peer_id)
         load = probe.sessions + probe.queued if probe else node.sessions + node.queued
+        free_pages = probe.free_pages if probe and probe.free_pages is not None else node.free_pages
+        if free_pages * node.page_size < max_length:
+            load += 1  # the session would wait for room or push another one out
         per_token = 1 / node.throughput if node.throughput > 0 else 1.0
         return per_token * blocks / (node.end - node.start) * (1 + load) * jitter[node.peer_id]
 

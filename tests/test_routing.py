@@ -82,6 +82,13 @@ def test_clients_spread_over_replicas_in_proportion_to_speed():
     assert sessions == {"fast": 12, "slow": 4}
 
 
+def test_a_node_without_cache_room_counts_as_busier():
+    roomy, full = record("roomy", 0, 4), record("full", 0, 4, throughput=150)
+    assert plan_route("m", [roomy, full], 4, 10)[0].node.peer_id == "full"
+    probes = {"roomy": Probe(0.001, 0, free_pages=100), "full": Probe(0.001, 0, free_pages=0)}
+    assert plan_route("m", [roomy, full], 4, 10, probes=probes)[0].node.peer_id == "roomy"
+
+
 def test_relayed_nodes_are_used_only_when_needed():
     direct, relayed = record("direct", 0, 4), record("relayed", 0, 4, relayed=True)
     assert all(plan_route("m", [direct, relayed], 4, 10, rng=random.Random(s))[0].node.peer_id == "direct"
@@ -90,7 +97,7 @@ def test_relayed_nodes_are_used_only_when_needed():
 
 
 def test_record_bytes_round_trip_and_reject_bad_fields():
-    r = record("a", 0, 4, rtts={"b": 0.01}, addrs=["/ip4/1.2.3.4/tcp/1"], relayed=True, public_name="x")
+    r = record("a", 0, 4, rtts={"b": 0.01}, relayed=True, public_name="x")
     assert NodeRecord.from_bytes(r.to_bytes()) == r
     for bad in (record("a", 3, 2), record("a", 0, 2, throughput=-1), record("a", 0, 2, rtts={"b": "fast"})):
         with pytest.raises(ValueError):
