@@ -68,8 +68,8 @@ def better_start(records: Iterable[NodeRecord], num_blocks: int, me: NodeRecord,
     if start == me.start:
         return None
     stay, move = (_with_span(counts, totals, s, s + length, me.throughput) for s in (me.start, start))
-    (covered_if_stay, weakest_if_stay), (covered_if_move, weakest_if_move) = (
-        (score[0], score[1][0]) for score in (stay, move))
-    if covered_if_move > covered_if_stay or weakest_if_move > weakest_if_stay * (1 + margin):
+    (holes_if_stay, weakest_if_stay), (holes_if_move, weakest_if_move) = ((-score[0], score[1][0])
+                                                                          for score in (stay, move))
+    if holes_if_move < holes_if_stay or weakest_if_move > weakest_if_stay * (1 + margin):
         return start
     return None

@@ -18,3 +18,15 @@ def test_batching_bench_prints_one_json_line():
     # each node holds every session's 20-token prompt and 6 decoded tokens: 26 tokens in 2 pages of 16
     assert figures["tokens_held"]["3"] == 3 * 2 * 26 and figures["pages_used"]["3"] == 3 * 2 * 2
     assert figures["kv_utilization"]["3"] == round(26 / 32, 3)
+
+
+def test_push_bench_prints_one_json_line():
+    result = subprocess.run([sys.executable, str(BENCH / "push.py"), "--hidden-size", "256", "--steps", "10"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = result.stdout.strip().splitlines()
+    figures = json.loads(line)
+    assert set(figures["per_token_ms"]) == {"push", "no_push", "one_node"}
+    # every step ran forwards at the nodes, and took longer than them
+    assert all(0 < figures["forward_ms"][name] < figures["per_token_ms"][name] for name in figures["per_token_ms"])
+    assert figures["per_hop_overhead_ms"] > 0
