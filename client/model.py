@@ -86,12 +86,14 @@ class DistributedModelForCausalLM:
     def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str] = PUBLIC_INITIAL_PEERS, *,
                         model_name_in_swarm: str | None = None, dtype: torch.dtype = torch.float32,
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
-                        push: bool = True) -> PreTrainedModel:
+                        push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0
+                        ) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
         model_name_in_swarm defaults to the folder's name, as for `swarm node`. allowed_nodes / blocked_nodes
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
-        itself instead of nodes sending it to the next node.
+        itself instead of nodes sending it to the next node. step_timeout and failover_deadline: see
+        InferenceSession.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -112,7 +114,8 @@ class DistributedModelForCausalLM:
         if (Path(path) / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         model.swarm_model_name = model_name_in_swarm or model_name(path)
-        model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push}
+        model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push,
+                                 "step_timeout": step_timeout, "failover_deadline": failover_deadline}
         model._detect_layer_output_convention()
         model.connection = SwarmConnection(initial_peers)
         return model

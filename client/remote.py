@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ from swarm.routing import Probe
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+
+BAN_SECONDS, MAX_BAN_SECONDS = 5.0, 300.0
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -50,6 +53,16 @@ class SwarmConnection:
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
                        host_maddrs=[f"/ip4/{host}/tcp/0"])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
+        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+
+    def ban(self, peer_id: str) -> None:
+        """Keep sessions off a node that failed: 5 s, doubling with each failure in a row, up to 5 minutes."""
+        failures = self._bans.get(peer_id, (0.0, 0))[1] + 1
+        self._bans[peer_id] = (time.monotonic() + min(BAN_SECONDS * 2 ** (failures - 1), MAX_BAN_SECONDS), failures)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, (until, _) in self._bans.items() if until > now}
 
     async def records(self, model_name: str) -> list[NodeRecord]:
         return await fetch_records(self.dht, model_name)

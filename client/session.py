@@ -1,20 +1,32 @@
-"""Inference sessions: a chain of node spans that keeps the KV cache of a batch of sequences."""
+"""Inference sessions: a chain of node spans that keeps the KV cache of a batch of sequences.
+
+The client keeps every span's inputs. When a node fails (its stream breaks, it stops answering in time, or it
+lost the session's cache), the client bans it for a while, plans a new chain for that span's blocks only,
+replays the kept inputs there in prefill-sized chunks to rebuild the cache, and finishes the step from that
+span on. A node that is leaving says so in its replies; the client then moves its part of the session the
+same way, before the node is gone.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Collection
 
 import torch
 
 from client.remote import SwarmConnection, run_coroutine
 from swarm import protocol
-from swarm.protocol import decode_tensor, encode_tensor, pack, read_frame, write_frame
+from swarm.protocol import ProtocolError, decode_tensor, encode_tensor, pack, read_frame, write_frame
 from swarm.records import NodeState
-from swarm.routing import Hop, RoutingError, plan_route
+from swarm.routing import Hop, MissingBlocksError, RoutingError, plan_route
 
 logger = logging.getLogger(__name__)
+
+REPLAY_CHUNK_TOKENS = 512  # rows per replay request, over all sequences of the session
+OPEN_QUEUE_SECONDS = 60.0  # a node answers an open within its queue timeout (60 s by default)
+RETRYABLE = {"unknown_session", "unavailable", "no_room", "busy", "internal"}  # another node may do it
 
 
 class NodeError(RuntimeError):
@@ -25,42 +37,71 @@ class NodeError(RuntimeError):
         self.peer_id, self.code = peer_id, code
 
 
+class SpanFailure(Exception):
+    """spans[index] of the chain failed during a step; its input for that step was `hidden`."""
+
+    def __init__(self, index: int, hidden: torch.Tensor, cause: BaseException):
+        super().__init__(f"span {index} failed: {cause!r}")
+        self.index, self.hidden, self.cause = index, hidden, cause
+
+
+def failed(error: BaseException) -> bool:
+    """Whether the error means the node failed (try another) rather than the request being wrong."""
+    if isinstance(error, NodeError):
+        return error.code in RETRYABLE
+    return isinstance(error, (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError))
+
+
 class SpanSession:
     """One node's part of a session: an open stream that carries steps through blocks [hop.start, hop.end)."""
 
-    def __init__(self, hop: Hop, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, hop: Hop, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, step_timeout: float):
         self.hop, self.reader, self.writer = hop, reader, writer
+        self.step_timeout = step_timeout
         self.session_id: str | None = None
         self.queued_s = 0.0  # how long the node kept the session waiting for KV cache room
         self.wire_dtype = protocol.DTYPES[hop.node.dtype]
+        self.draining = False  # the node said it is leaving
         # every step's (lengths, input rows), whether the client sent them or the previous node pushed them:
-        # what a replacement node would have to replay
+        # what a replacement node replays
         self.inputs: list[tuple[list[int], torch.Tensor]] = []
 
     @classmethod
     async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int,
-                   priority: str = "interactive") -> SpanSession:
-        reader, writer = await connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER)
-        span = cls(hop, reader, writer)
-        reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start,
-                                         end=hop.end, priority=priority))
+                   priority: str = "interactive", step_timeout: float = 10.0) -> SpanSession:
+        reader, writer = await asyncio.wait_for(
+            connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER), step_timeout)
+        span = cls(hop, reader, writer, step_timeout)
+        try:
+            reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start,
+                                             end=hop.end, priority=priority),
+                                        step_timeout + OPEN_QUEUE_SECONDS)  # the node may queue the session
+        except BaseException:
+            writer.close()
+            raise
         span.session_id, span.queued_s = reply["session"], reply.get("queued_s", 0.0)
         if span.queued_s > 1:
-            logger.info("node %s queued the session %.1f s for KV cache room", hop.node.peer_id[-6:], span.queued_s)
+            logger.info("node %s queued the session %.1f s for KV cache room", hop.node.label, span.queued_s)
         return span
 
-    async def _request(self, frame: bytes) -> dict:
+    async def _request(self, frame: bytes, timeout: float | None = None) -> dict:
         await write_frame(self.writer, frame)
-        return await self._reply()
+        return await self._reply(timeout)
 
-    async def _reply(self) -> dict:
-        reply = await read_frame(self.reader)
+    async def _reply(self, timeout: float | None) -> dict:
+        reply = await asyncio.wait_for(read_frame(self.reader), timeout)
         if reply is None:
-            raise ConnectionError(f"node {self.hop.node.peer_id} closed the stream")
+            raise ConnectionError(f"node {self.hop.node.label} closed the stream")
         message = protocol.unpack(reply)
         if message["type"] == "error":
             raise NodeError(self.hop.node.peer_id, message.get("code", "error"), message.get("message", ""))
+        self.draining = self.draining or message.get("draining", False)
         return message
+
+    def timeout(self, tokens: int) -> float:
+        """How long a step of this many tokens may take here before the node counts as stuck: the base timeout
+        plus four times what the node's announced prefill speed needs (100 tokens/s if it announced none)."""
+        return self.step_timeout + 4 * tokens / (self.hop.node.prefill_throughput or 100.0)
 
     def next_hop(self, page_hashes: list[list[bytes]] | None) -> dict:
         """Where a previous node pushes this span's input."""
@@ -74,15 +115,16 @@ class SpanSession:
         await write_frame(self.writer, pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes,
                                             hidden=encode_tensor(hidden.to(self.wire_dtype)), push=push))
 
-    async def receive(self) -> tuple[torch.Tensor, bool]:
-        """The output of this span's next step, and whether the node pushed it on to the next node."""
-        reply = await self._reply()
+    async def receive(self, tokens: int) -> tuple[torch.Tensor, bool]:
+        """The output of this span's next step of `tokens` rows, and whether the node pushed it on."""
+        reply = await self._reply(self.timeout(tokens))
         return decode_tensor(reply["hidden"]), reply.get("pushed", False)
 
     async def step(self, hidden: torch.Tensor, lengths: list[int],
                    page_hashes: list[list[bytes]] | None = None) -> torch.Tensor:
+        """One step through this span alone."""
         await self.send(hidden, lengths, page_hashes)
-        return (await self.receive())[0]
+        return (await self.receive(sum(lengths)))[0]
 
     async def close(self) -> None:
         try:
@@ -101,20 +143,28 @@ class InferenceSession:
     latency (swarm/routing.py) among allowed_nodes (all, if None) less blocked_nodes (peer ids). With push,
     each node sends its output straight to the next one and the client waits only for the last; without it,
     the client carries every hop's output itself.
+
+    Failures are recovered (module docstring). A node that does not answer a step within step_timeout
+    seconds (plus time for the step's size) counts as failed. If no node serves a lost span's blocks, the
+    session waits for one up to failover_deadline seconds, then raises MissingBlocksError. ``failovers``
+    lists the seconds each recovery took.
     """
 
     def __init__(self, connection: SwarmConnection, model_name: str, num_blocks: int, max_length: int,
                  batch_size: int = 1, priority: str = "interactive", *, push: bool = True,
-                 allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = ()):
+                 allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
+                 step_timeout: float = 10.0, failover_deadline: float = 60.0):
         self.connection, self.model_name, self.num_blocks = connection, model_name, num_blocks
         self.max_length, self.batch_size, self.priority = max_length, batch_size, priority
         self.push, self.allowed_nodes, self.blocked_nodes = push, allowed_nodes, set(blocked_nodes)
+        self.step_timeout, self.failover_deadline = step_timeout, failover_deadline
         self.lengths = [0] * batch_size
         # token ids and their page-hash chains, per page size, so nodes can share cache pages of equal prefixes;
         # None once a step came without token ids
         self.tokens: list[list[int]] | None = [[] for _ in range(batch_size)]
         self.page_chains: dict[int, list[list[bytes]]] = {}
         self.spans: list[SpanSession] = []
+        self.failovers: list[float] = []
         self.closed = False
 
     def __enter__(self) -> InferenceSession:
@@ -125,22 +175,84 @@ class InferenceSession:
         self.close()
 
     async def _open(self) -> None:
-        records = await self.connection.records(self.model_name)
-        if not records:
-            raise RoutingError(f"no node announces model {self.model_name!r}: the name is unknown to the swarm "
-                               "or all its nodes are offline")
-        candidates = [r for r in records if r.state == NodeState.ONLINE and r.peer_id not in self.blocked_nodes
-                      and (self.allowed_nodes is None or r.peer_id in self.allowed_nodes)]
-        probes = await self.connection.probe(candidates)
-        route = plan_route(self.model_name, candidates, self.num_blocks, self.max_length, probes=probes)
-        logger.info("route: %s", " -> ".join(f"{hop.node.label}[{hop.start}:{hop.end}]" for hop in route))
         try:
-            for hop in route:
-                self.spans.append(await SpanSession.open(self.connection, hop, self.max_length, self.batch_size,
-                                                         self.priority))
+            self.spans = await self._open_chain(0, self.num_blocks, deadline=None)
         except BaseException:
             await self._close()
             raise
+
+    async def _plan(self, start: int, end: int, deadline: float | None) -> list[Hop]:
+        """A chain for blocks [start, end) among reachable, unbanned nodes. With a deadline, missing blocks are
+        waited for (with backoff) until then."""
+        delay = 0.5
+        while True:
+            records = await self.connection.records(self.model_name)
+            if not records:
+                raise RoutingError(f"no node announces model {self.model_name!r}: the name is unknown to the swarm "
+                                   "or all its nodes are offline")
+            excluded = self.blocked_nodes | self.connection.banned()
+            candidates = [r for r in records if r.state == NodeState.ONLINE and r.peer_id not in excluded
+                          and (self.allowed_nodes is None or r.peer_id in self.allowed_nodes)
+                          and r.start < end and start < r.end]
+            probes = await self.connection.probe(candidates)
+            try:
+                return plan_route(self.model_name, candidates, self.num_blocks, self.max_length, probes=probes,
+                                  blocks=(start, end))
+            except MissingBlocksError as e:
+                if deadline is None or time.monotonic() + delay > deadline:
+                    if deadline is not None:
+                        raise MissingBlocksError(self.model_name, e.blocks, f"waited {self.failover_deadline:.0f} s "
+                                                                            "for a node; still no online node serves")
+                    raise
+                logger.info("%s; waiting %.1f s for a node", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    async def _open_chain(self, start: int, end: int, deadline: float | None,
+                          history: list[tuple[list[int], torch.Tensor]] = ()) -> list[SpanSession]:
+        """Open sessions on a chain for blocks [start, end) and replay history (the inputs of block `start`)
+        through it. A node that fails meanwhile is banned and the chain planned again."""
+        while True:
+            route = await self._plan(start, end, deadline)
+            logger.info("route for blocks %d:%d: %s", start, end,
+                        " -> ".join(f"{hop.node.label}[{hop.start}:{hop.end}]" for hop in route))
+            spans: list[SpanSession] = []
+            hop = route[0]
+            try:
+                inputs = list(history)
+                for hop in route:
+                    spans.append(await SpanSession.open(self.connection, hop, self.max_length, self.batch_size,
+                                                        self.priority, self.step_timeout))
+                    inputs = await self._replay(spans[-1], inputs)
+                return spans
+            except Exception as e:
+                await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
+                if not failed(e) or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                logger.warning("node %s failed while joining the session (%r); planning again", hop.node.label, e)
+                self.connection.ban(hop.node.peer_id)
+                if deadline is None:
+                    deadline = time.monotonic() + self.failover_deadline
+
+    async def _replay(self, span: SpanSession, history: list[tuple[list[int], torch.Tensor]]
+                      ) -> list[tuple[list[int], torch.Tensor]]:
+        """Run a span's past inputs through it again, in chunks; returns its outputs, chunk by chunk."""
+        if not history:
+            return []
+        rows = [[] for _ in range(self.batch_size)]  # each sequence's input rows, in order
+        for lengths, hidden in history:
+            for i, part in enumerate(hidden.split(lengths)):
+                rows[i].append(part)
+        rows = [torch.cat(parts) for parts in rows]
+        width = max(1, REPLAY_CHUNK_TOKENS // self.batch_size)
+        outputs = []
+        for position in range(0, max(len(r) for r in rows), width):
+            lengths = [max(0, min(width, len(r) - position)) for r in rows]
+            hidden = torch.cat([r[position:position + n] for r, n in zip(rows, lengths)])
+            hashes = self._page_hashes(span.hop.node.page_size, [position] * self.batch_size, lengths)
+            await span.send(hidden, lengths, hashes)
+            outputs.append((lengths, (await span.receive(sum(lengths)))[0]))
+        return outputs
 
     def step(self, hidden: torch.Tensor, new_lengths: list[int] | None = None,
              token_ids: list[list[int]] | None = None) -> torch.Tensor:
@@ -167,53 +279,98 @@ class InferenceSession:
                 raise ValueError(f"sequence {i} would reach {self.lengths[i] + n} tokens, beyond the session's "
                                  f"max_length {self.max_length}")
         packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)])
-        page_hashes = self._extend_page_chains(token_ids)
-        out = (await self._step(packed, new_lengths, page_hashes)).to(hidden.dtype)
+        self._add_tokens(token_ids)
+        out = (await self._step(packed, new_lengths)).to(hidden.dtype)
         result = torch.zeros_like(hidden)
         offset = 0
         for i, n in enumerate(new_lengths):
             result[i, width - n:] = out[offset:offset + n]
             offset += n
             self.lengths[i] += n
+        await self._move_off_draining_nodes()
         return result
 
-    def _extend_page_chains(self, token_ids: list[list[int]] | None) -> dict[int, list[list[bytes]]] | None:
-        """Add the step's tokens; returns, per page size, the hashes of the pages each row completes."""
+    async def _step(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        index = 0
+        while True:
+            try:
+                return await self._run_from(index, hidden, lengths)
+            except SpanFailure as failure:
+                if not failed(failure.cause):
+                    raise failure.cause from None
+                began = time.monotonic()
+                broken = self.spans[failure.index]
+                logger.warning("node %s failed (%r); moving blocks %d:%d", broken.hop.node.label, failure.cause,
+                               broken.hop.start, broken.hop.end)
+                self.connection.ban(broken.hop.node.peer_id)
+                await self._replace(failure.index, broken.inputs[:-1])  # the step's own input is sent again below
+                index, hidden = failure.index, failure.hidden
+                self.failovers.append(time.monotonic() - began)
+
+    async def _run_from(self, index: int, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Run the step through spans[index:], whose first span takes hidden as input; raises SpanFailure."""
+        spans = self.spans[index:]
+        tokens = sum(lengths)
+        starts = self.lengths
+        hashes = [self._page_hashes(span.hop.node.page_size, starts, lengths) for span in spans]
+        chain = [span.next_hop(span_hashes) for span, span_hashes in zip(spans, hashes)]
+
+        async def send(offset: int, rows: torch.Tensor) -> None:
+            try:
+                await spans[offset].send(rows, lengths, hashes[offset], push=chain[offset + 1:] if self.push else None)
+            except Exception as e:
+                raise SpanFailure(index + offset, rows, e) from e
+
+        await send(0, hidden)
+        for offset, span in enumerate(spans):
+            try:
+                hidden, pushed = await span.receive(tokens)
+            except Exception as e:
+                raise SpanFailure(index + offset, span.inputs[-1][1], e) from e
+            if offset + 1 < len(spans):
+                if self.push and pushed:  # every node answers on its own stream; the others' outputs are kept
+                    spans[offset + 1].inputs.append((lengths, hidden))
+                else:  # no push, or the node could not reach the next one: carry its output there ourselves
+                    await send(offset + 1, hidden)
+        return hidden
+
+    async def _replace(self, index: int, history: list[tuple[list[int], torch.Tensor]]) -> None:
+        """Put a new chain, with history replayed, in place of spans[index]."""
+        old = self.spans[index]
+        await old.close()
+        deadline = time.monotonic() + self.failover_deadline
+        self.spans[index:index + 1] = await self._open_chain(old.hop.start, old.hop.end, deadline, history)
+
+    async def _move_off_draining_nodes(self) -> None:
+        for index in reversed(range(len(self.spans))):
+            span = self.spans[index]
+            if span.draining:
+                logger.info("node %s is leaving; moving blocks %d:%d", span.hop.node.label, span.hop.start,
+                            span.hop.end)
+                began = time.monotonic()
+                self.connection.ban(span.hop.node.peer_id)
+                await self._replace(index, span.inputs)
+                self.failovers.append(time.monotonic() - began)
+
+    def _add_tokens(self, token_ids: list[list[int]] | None) -> None:
         if token_ids is None or self.tokens is None:
             self.tokens = None
-            return None
-        for tokens, new in zip(self.tokens, token_ids):
-            tokens.extend(new)
-        completed = {}
-        for page_size in {span.hop.node.page_size for span in self.spans}:
-            chains = self.page_chains.setdefault(page_size, [[] for _ in range(self.batch_size)])
-            completed[page_size] = []
-            for tokens, new, chain in zip(self.tokens, token_ids, chains):
-                for page in range(len(chain), len(tokens) // page_size):
-                    chain.append(protocol.page_hash(chain[-1] if chain else b"",
-                                                    tokens[page * page_size:(page + 1) * page_size]))
-                completed[page_size].append(chain[(len(tokens) - len(new)) // page_size:len(tokens) // page_size])
-        return completed
+        else:
+            for tokens, new in zip(self.tokens, token_ids):
+                tokens.extend(new)
 
-    async def _step(self, hidden: torch.Tensor, lengths: list[int],
-                    page_hashes: dict[int, list[list[bytes]]] | None) -> torch.Tensor:
-        hashes = [page_hashes[span.hop.node.page_size] if page_hashes is not None else None for span in self.spans]
-        if not self.push:
-            for span, span_hashes in zip(self.spans, hashes):
-                hidden = await span.step(hidden, lengths, span_hashes)
-            return hidden
-        chain = [span.next_hop(span_hashes) for span, span_hashes in zip(self.spans, hashes)]
-        await self.spans[0].send(hidden, lengths, hashes[0], push=chain[1:])
-        for i, span in enumerate(self.spans):
-            # every node answers on its own stream; the last answer is the result, the others are kept for replay
-            hidden, pushed = await span.receive()
-            if i + 1 < len(self.spans):
-                following = self.spans[i + 1]
-                if pushed:
-                    following.inputs.append((lengths, hidden))
-                else:  # the node could not reach the next one: carry its output there ourselves
-                    await following.send(hidden, lengths, hashes[i + 1], push=chain[i + 2:])
-        return hidden
+    def _page_hashes(self, page_size: int, starts: list[int], lengths: list[int]) -> list[list[bytes]] | None:
+        """Per sequence, the token-hash chain links of the full pages that rows [start, start + length) complete."""
+        if self.tokens is None:
+            return None
+        chains = self.page_chains.setdefault(page_size, [[] for _ in range(self.batch_size)])
+        completed = []
+        for tokens, chain, start, n in zip(self.tokens, chains, starts, lengths):
+            for page in range(len(chain), len(tokens) // page_size):
+                chain.append(protocol.page_hash(chain[-1] if chain else b"",
+                                                tokens[page * page_size:(page + 1) * page_size]))
+            completed.append(chain[start // page_size:(start + n) // page_size])
+        return completed
 
     def close(self) -> None:
         if not self.closed:

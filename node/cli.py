@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between checks whether moving the span makes the swarm faster (0: never)")
     parser.add_argument("--balance-margin", type=float, default=0.2,
                         help="move only if the swarm's weakest block gets this much faster (0.2 = 20%%)")
-    parser.add_argument("--drain-timeout", type=float, default=600.0,
-                        help="seconds a moving node waits for its sessions to end before it stays instead")
+    parser.add_argument("--drain-timeout", type=float, default=60.0,
+                        help="seconds a leaving node (SIGTERM) waits for its clients to move their sessions, and a "
+                             "moving node waits before it stays instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="memory for the paged KV cache")

@@ -87,7 +87,7 @@ class NodeConfig:
     throughput: float | None = None  # decode tokens/s to announce instead of measuring
     balance_period: float = 120.0  # seconds between rebalancing checks (0: never move)
     balance_margin: float = 0.2  # move only if the swarm's weakest block gets this much faster
-    drain_timeout: float = 600.0  # how long a moving node waits for its sessions to end before it stays
+    drain_timeout: float = 60.0  # how long a leaving or moving node waits for its sessions to move or end
     join_wait: float = 2.0  # seconds to let other joining nodes' choices reach the DHT
     identity_path: str | None = None
     announce_maddrs: list[str] = field(default_factory=list)
@@ -130,7 +130,8 @@ class Node:
         self._push_writers: dict[str, asyncio.StreamWriter] = {}
         self._compute = None if self.device.type == "cpu" else ThreadPoolExecutor(1, thread_name_prefix="span")
         self._scheduler_task: asyncio.Task | None = None
-        self._stop = asyncio.Event()
+        self._stop = asyncio.Event()  # exit now
+        self._leaving = asyncio.Event()  # drain, then exit
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
 
@@ -153,7 +154,7 @@ class Node:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_signal)
         self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=self.config.identity_path,
                        host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
                        announce_maddrs=self.config.announce_maddrs or None,
@@ -175,17 +176,31 @@ class Node:
         finally:
             await self._shutdown()
 
+    def _on_signal(self) -> None:
+        """SIGTERM or SIGINT: leave gracefully; a second one: exit now."""
+        if self._leaving.is_set():
+            self._stop.set()
+        else:
+            logger.info("leaving: draining sessions for up to %.0f s (signal again to exit now)",
+                        self.config.drain_timeout)
+            self._leaving.set()
+
     async def _keep_announcing(self) -> None:
         next_balance = self._next_balance_time()
         while not self._stop.is_set():
+            if self._leaving.is_set():
+                await self._leave()
+                return
             await self._announce()
             records = await fetch_records(self.dht, self.config.model_name)
             self.rtts = await self._measure_rtts(records)  # announced with the next refresh
             if time.monotonic() >= next_balance:
                 await self._rebalance()
                 next_balance = self._next_balance_time()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.config.announce_period)
+            wakers = [asyncio.ensure_future(event.wait()) for event in (self._stop, self._leaving)]
+            await asyncio.wait(wakers, timeout=self.config.announce_period, return_when=asyncio.FIRST_COMPLETED)
+            for waker in wakers:
+                waker.cancel()
 
     def _next_balance_time(self) -> float:
         # jittered, so that nodes which see the same hole do not all move into it at once
@@ -289,10 +304,17 @@ class Node:
             torch.cuda.empty_cache()
         await self._serve(target, target + length)
 
+    async def _leave(self) -> None:
+        """Announce draining, so clients move their sessions away (every reply tells them), and wait for that."""
+        self.state = NodeState.DRAINING
+        await self._announce()
+        if not await self._drained():
+            logger.warning("%d sessions were still open after %.0f s", len(self.streams), self.config.drain_timeout)
+
     async def _drained(self) -> bool:
         """Wait until every session here has ended (new ones are refused while draining)."""
         deadline = time.monotonic() + self.config.drain_timeout
-        while self.scheduler.sessions or self.scheduler.waiting:
+        while self.scheduler and (self.scheduler.sessions or self.scheduler.waiting):
             if time.monotonic() > deadline or self._stop.is_set():
                 return False
             await asyncio.sleep(0.2)
@@ -419,7 +441,8 @@ class Node:
                 chain = self._push_chain(message.get("push"))
                 out = await self._step(session, message)
                 pushed = bool(chain) and await self._push(stream, chain, out, message["lengths"])
-                reply = pack("output", session=session.id, hidden=encode_tensor(out), pushed=pushed)
+                reply = pack("output", session=session.id, hidden=encode_tensor(out), pushed=pushed,
+                             draining=self.state == NodeState.DRAINING)
             except Exception as e:
                 reply = self._error_reply(e, session.peer)
             with contextlib.suppress(ConnectionError):

@@ -64,31 +64,35 @@ class Probe:
 
 def plan_route(model_name: str, records: Iterable[NodeRecord], num_blocks: int, max_length: int, *,
                probes: Mapping[str, Probe] | None = None, allowed: Collection[str] | None = None,
-               blocked: Collection[str] = frozenset(), rng: random.Random | None = None) -> list[Hop]:
+               blocked: Collection[str] = frozenset(), blocks: tuple[int, int] | None = None,
+               rng: random.Random | None = None) -> list[Hop]:
     """The chain of least expected latency per token through online nodes that admit max_length.
 
     probes: the client's measurements per peer id; with them, nodes it could not reach are skipped. Without
     them, round trips count as zero and loads come from the records. allowed / blocked: peer ids to use only /
-    never. Equal costs are broken at random, so replicas share clients.
+    never. blocks: plan only blocks [start, end) (to replace a broken part of a chain). Equal costs are broken
+    at random, so replicas share clients.
     """
     rng = rng or random.Random()
+    first, last = blocks or (0, num_blocks)
     online = [r for r in records if r.state == NodeState.ONLINE and r.peer_id not in blocked
               and (allowed is None or r.peer_id in allowed) and (probes is None or r.peer_id in probes)]
     covered = {b for r in online for b in range(r.start, r.end)}
-    missing = [b for b in range(num_blocks) if b not in covered]
+    missing = [b for b in range(first, last) if b not in covered]
     if missing:
         raise MissingBlocksError(model_name, missing)
     usable = [r for r in online if r.max_length >= max_length]
-    for block in range(num_blocks):
+    for block in range(first, last):
         if not any(r.start <= block < r.end for r in usable):
             longest = max(r.max_length for r in online if r.start <= block < r.end)
             raise RoutingError(f"sessions of {max_length} tokens exceed what the nodes serving block {block} of "
                                f"{model_name!r} accept (at most {longest})")
-    return _cheapest_chain(usable, num_blocks, max_length, probes or {}, rng)
+    return _cheapest_chain(usable, first, last, max_length, probes or {}, rng)
 
 
-def _cheapest_chain(nodes: list[NodeRecord], num_blocks: int, max_length: int, probes: Mapping[str, Probe],
-                    rng: random.Random) -> list[Hop]:
+def _cheapest_chain(nodes: list[NodeRecord], first: int, num_blocks: int, max_length: int,
+                    probes: Mapping[str, Probe], rng: random.Random) -> list[Hop]:
+    """Dijkstra from block `first` to block num_blocks (the end of the planned range)."""
     def rtt(node: NodeRecord) -> float:
         probe = probes.get(node.peer_id)
         return (probe.rtt if probe else 0.0) + (RELAY_PENALTY if node.relayed else 0.0)
@@ -108,11 +112,11 @@ def _cheapest_chain(nodes: list[NodeRecord], num_blocks: int, max_length: int, p
         return per_token * blocks / (node.end - node.start) * (1 + load) * jitter[node.peer_id]
 
     jitter = {node.peer_id: 1 + 1e-9 * rng.random() for node in nodes}
-    boundaries = sorted({b for r in nodes for b in (r.start, r.end) if b <= num_blocks} | {num_blocks})
+    boundaries = sorted({b for r in nodes for b in (r.start, r.end) if first < b <= num_blocks} | {num_blocks})
     # state: (cost so far, block reached, index of the node that reached it or -1 for the client)
-    best: dict[tuple[int, int], float] = {(0, -1): 0.0}
+    best: dict[tuple[int, int], float] = {(first, -1): 0.0}
     came_from: dict[tuple[int, int], tuple[int, int]] = {}
-    queue = [(0.0, 0, -1)]
+    queue = [(0.0, first, -1)]
     while queue:
         cost, block, last = heapq.heappop(queue)
         if block == num_blocks:

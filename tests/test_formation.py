@@ -96,25 +96,26 @@ def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, l
                            local.generate(ids, max_new_tokens=5, do_sample=False), local)
 
 
-def test_a_moving_node_lets_its_session_finish(tiny_model, local_swarm):
+def test_a_moving_node_drains_its_session_onto_another_node(tiny_model, local_swarm):
     path = tiny_model("llama", num_hidden_layers=6)
-    local_swarm.start_nodes(path, [(0, 3), (3, 6)], "--throughput", "100", *FAST)
-    local_swarm.start_nodes(path, [None], "--num-blocks", "3", "--throughput", "100", "--balance-period", "1", *FAST)
+    [fixed_head, _] = local_swarm.start_nodes(path, [(0, 3), (3, 6)], "--throughput", "100", *FAST)
+    [mover] = local_swarm.start_nodes(path, [None], "--num-blocks", "3", "--throughput", "100", "--balance-period", "1",
+                                      *FAST)
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([[11, 12, 13, 14]])
     expected = local.generate(ids, max_new_tokens=12, do_sample=False)
-    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
-        mover = next(r for r in records_of(model) if "auto" in local_swarm.node_process(r.peer_id).name)
-        fixed = [r.peer_id for r in records_of(model) if r.peer_id != mover.peer_id and r.start == 3]
-        model.session_options["allowed_nodes"] = {mover.peer_id, *fixed}
-        with model.inference_session(max_length=20):
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     blocked_nodes={fixed_head.peer_id}) as model:
+        with model.inference_session(max_length=20) as session:
             tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+            assert session.spans[0].hop.node.peer_id == mover.peer_id
             # blocks 3:6 become the weakest: a fast node joins on 0:3, so the mover wants to go to 3:6
-            local_swarm.start_nodes(path, [(0, 3)], "--throughput", "400", *FAST)
+            [fast] = local_swarm.start_nodes(path, [(0, 3)], "--throughput", "400", *FAST)
             wait_for(lambda: any(r.peer_id == mover.peer_id and r.state == NodeState.DRAINING
                                  for r in records_of(model)), 30, "the auto node to start draining")
-            for _ in range(8):  # the session goes on while its node drains
+            for _ in range(8):  # the session goes on; the draining node tells it to move, and it does
                 tokens = model.generate(tokens, max_new_tokens=1, do_sample=False)
+            assert session.spans[0].hop.node.peer_id == fast.peer_id and len(session.failovers) == 1
         assert_same_tokens(tokens, expected, local)
         wait_for(lambda: any(r.peer_id == mover.peer_id and r.state == NodeState.ONLINE and r.start == 3
                              for r in records_of(model)), 60, "the auto node to serve blocks 3:6")

@@ -23,6 +23,14 @@ def test_route_covers_every_block_once_even_with_overlapping_spans():
     assert [hop.node.peer_id for hop in route] == ["a", "b", "c"]
 
 
+def test_a_part_of_the_chain_can_be_planned_alone():
+    records = [record("a", 0, 3), record("b", 2, 6), record("c", 5, 8)]
+    assert chain(plan_route("m", records, 8, 100, blocks=(3, 6))) == [("b", 3, 6)]
+    assert chain(plan_route("m", records, 8, 100, blocks=(6, 8))) == [("c", 6, 8)]
+    with pytest.raises(MissingBlocksError, match="block 4 "):
+        plan_route("m", records, 8, 100, blocks=(4, 6), blocked={"b"})
+
+
 def test_missing_blocks_are_named():
     with pytest.raises(MissingBlocksError, match="blocks 4-5, 7") as error:
         plan_route("m", [record("a", 0, 4), record("b", 6, 7), record("x", 4, 8, state=NodeState.OFFLINE)], 8, 10)
