@@ -10,6 +10,7 @@ same way, before the node is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 REPLAY_CHUNK_TOKENS = 512  # rows per replay request, over all sequences of the session
 OPEN_QUEUE_SECONDS = 60.0  # a node answers an open within its queue timeout (60 s by default)
-RETRYABLE = {"unknown_session", "unavailable", "no_room", "busy", "internal"}  # another node may do it
+CACHE_LOST = {"unknown_session", "session_expired"}  # the node is fine but no longer holds the session
+RETRYABLE = CACHE_LOST | {"unavailable", "no_room", "busy", "internal"}  # another node (or a replay) may do it
 
 
 class NodeError(RuntimeError):
@@ -112,8 +114,25 @@ class SpanSession:
                    push: list[dict] | None = None) -> None:
         """Send a step; with push, the node sends its output on to push[0], which sends it on to push[1]..."""
         self.inputs.append((lengths, hidden))
-        await write_frame(self.writer, pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes,
-                                            hidden=encode_tensor(hidden.to(self.wire_dtype)), push=push))
+        try:
+            if self.writer.is_closing():
+                raise ConnectionError("the stream is closed")
+            await write_frame(self.writer, pack("step", session=self.session_id, lengths=lengths,
+                                                page_hashes=page_hashes, push=push,
+                                                hidden=encode_tensor(hidden.to(self.wire_dtype))))
+        except (ConnectionError, OSError, RuntimeError) as e:  # RuntimeError: asyncio's "handler is closed"
+            raise await self._why_closed(e) from e
+
+    async def _why_closed(self, error: BaseException) -> Exception:
+        """The node may have said why before it closed the stream (its session expired, say): that reason, else a
+        ConnectionError."""
+        try:
+            await self._reply(0.5)
+        except NodeError as reason:
+            return reason
+        except Exception:
+            pass
+        return ConnectionError(f"the stream to node {self.hop.node.label} broke: {error!r}")
 
     async def receive(self, tokens: int) -> tuple[torch.Tensor, bool]:
         """The output of this span's next step of `tokens` rows, and whether the node pushed it on."""
@@ -127,10 +146,9 @@ class SpanSession:
         return (await self.receive(sum(lengths)))[0]
 
     async def close(self) -> None:
-        try:
-            await write_frame(self.writer, pack("close"))
-        except (ConnectionError, OSError):
-            pass
+        if not self.writer.is_closing():
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # the stream may be broken already
+                await write_frame(self.writer, pack("close"))
         self.writer.close()
 
 
@@ -302,10 +320,20 @@ class InferenceSession:
                 broken = self.spans[failure.index]
                 logger.warning("node %s failed (%r); moving blocks %d:%d", broken.hop.node.label, failure.cause,
                                broken.hop.start, broken.hop.end)
-                self.connection.ban(broken.hop.node.peer_id)
+                if not await self._lost_cache_only(broken, failure.cause):
+                    self.connection.ban(broken.hop.node.peer_id)
                 await self._replace(failure.index, broken.inputs[:-1])  # the step's own input is sent again below
                 index, hidden = failure.index, failure.hidden
                 self.failovers.append(time.monotonic() - began)
+
+    async def _lost_cache_only(self, span: SpanSession, error: BaseException) -> bool:
+        """Whether the node is fine and only dropped the session (expired, restarted): it then may take the
+        replay itself. A broken stream is checked with a ping."""
+        if getattr(error, "code", None) in CACHE_LOST:
+            return True
+        if not isinstance(error, ConnectionError):
+            return False
+        return span.hop.node.peer_id in await self.connection.probe([span.hop.node], timeout=1.0)
 
     async def _run_from(self, index: int, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Run the step through spans[index:], whose first span takes hidden as input; raises SpanFailure."""

@@ -357,6 +357,10 @@ class Node:
                     if stream is not None and time.monotonic() - stream.last_active < self.config.session_timeout:
                         continue  # its steps arrive pushed by the previous node
                     logger.info("closing an idle stream from %s", peer)
+                    if stream is not None:  # the client learns why at its next step, and replays elsewhere or here
+                        await write_frame(writer, error_frame("session_expired", f"the session was idle for more "
+                                                              f"than {self.config.session_timeout:.0f} s; its cache "
+                                                              "is gone"))
                     break
                 if frame is None:
                     break
