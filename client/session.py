@@ -16,6 +16,7 @@ import time
 from collections.abc import Collection
 
 import torch
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from client.remote import SwarmConnection, run_coroutine
 from swarm import protocol
@@ -51,7 +52,8 @@ def failed(error: BaseException) -> bool:
     """Whether the error means the node failed (try another) rather than the request being wrong."""
     if isinstance(error, NodeError):
         return error.code in RETRYABLE
-    return isinstance(error, (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError))
+    return isinstance(error, (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError, P2PDaemonError,
+                              P2PHandlerError))
 
 
 class SpanSession:
@@ -163,9 +165,9 @@ class InferenceSession:
     the client carries every hop's output itself.
 
     Failures are recovered (module docstring). A node that does not answer a step within step_timeout
-    seconds (plus time for the step's size) counts as failed. If no node serves a lost span's blocks, the
-    session waits for one up to failover_deadline seconds, then raises MissingBlocksError. ``failovers``
-    lists the seconds each recovery took.
+    seconds (plus time for the step's size) counts as failed. If no node serves some blocks (when opening,
+    or after a failure), the session waits for one up to failover_deadline seconds, then raises
+    MissingBlocksError. ``failovers`` lists the seconds each recovery took.
     """
 
     def __init__(self, connection: SwarmConnection, model_name: str, num_blocks: int, max_length: int,
@@ -192,16 +194,25 @@ class InferenceSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    async def __aenter__(self) -> InferenceSession:
+        """For coroutines on the client's event loop, with astep."""
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.closed = True
+        await self._close()
+
     async def _open(self) -> None:
         try:
-            self.spans = await self._open_chain(0, self.num_blocks, deadline=None)
+            self.spans = await self._open_chain(0, self.num_blocks, time.monotonic() + self.failover_deadline)
         except BaseException:
             await self._close()
             raise
 
-    async def _plan(self, start: int, end: int, deadline: float | None) -> list[Hop]:
-        """A chain for blocks [start, end) among reachable, unbanned nodes. With a deadline, missing blocks are
-        waited for (with backoff) until then."""
+    async def _plan(self, start: int, end: int, deadline: float) -> list[Hop]:
+        """A chain for blocks [start, end) among reachable, unbanned nodes; missing blocks are waited for (with
+        backoff) until the deadline."""
         delay = 0.5
         while True:
             records = await self.connection.records(self.model_name)
@@ -217,16 +228,14 @@ class InferenceSession:
                 return plan_route(self.model_name, candidates, self.num_blocks, self.max_length, probes=probes,
                                   blocks=(start, end))
             except MissingBlocksError as e:
-                if deadline is None or time.monotonic() + delay > deadline:
-                    if deadline is not None:
-                        raise MissingBlocksError(self.model_name, e.blocks, f"waited {self.failover_deadline:.0f} s "
-                                                                            "for a node; still no online node serves")
-                    raise
+                if time.monotonic() + delay > deadline:
+                    raise MissingBlocksError(self.model_name, e.blocks, f"waited {self.failover_deadline:.0f} s "
+                                                                        "for a node; still no online node serves")
                 logger.info("%s; waiting %.1f s for a node", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
-    async def _open_chain(self, start: int, end: int, deadline: float | None,
+    async def _open_chain(self, start: int, end: int, deadline: float,
                           history: list[tuple[list[int], torch.Tensor]] = ()) -> list[SpanSession]:
         """Open sessions on a chain for blocks [start, end) and replay history (the inputs of block `start`)
         through it. A node that fails meanwhile is banned and the chain planned again."""
@@ -245,12 +254,10 @@ class InferenceSession:
                 return spans
             except Exception as e:
                 await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
-                if not failed(e) or (deadline is not None and time.monotonic() > deadline):
+                if not failed(e) or time.monotonic() > deadline:
                     raise
                 logger.warning("node %s failed while joining the session (%r); planning again", hop.node.label, e)
                 self.connection.ban(hop.node.peer_id)
-                if deadline is None:
-                    deadline = time.monotonic() + self.failover_deadline
 
     async def _replay(self, span: SpanSession, history: list[tuple[list[int], torch.Tensor]]
                       ) -> list[tuple[list[int], torch.Tensor]]:

@@ -82,6 +82,8 @@ class LocalSwarm:
         for process in processes:
             ready = self._wait_ready(process, "node serving", timeout)[-1]
             process.peer_id = ready.rsplit("/p2p/", 1)[-1]
+        for process, span in zip(processes, spans):
+            process.span = span
         return processes
 
     def node_process(self, peer_id: str) -> subprocess.Popen:

@@ -30,3 +30,22 @@ def test_push_bench_prints_one_json_line():
     # every step ran forwards at the nodes, and took longer than them
     assert all(0 < figures["forward_ms"][name] < figures["per_token_ms"][name] for name in figures["per_token_ms"])
     assert figures["per_hop_overhead_ms"] > 0
+
+
+def test_failover_bench_prints_one_json_line():
+    result = subprocess.run([sys.executable, str(BENCH / "failover.py"), "--context", "300", "--rounds", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = result.stdout.strip().splitlines()
+    figures = json.loads(line)
+    assert figures["failovers"] == 2 and len(figures["kill_to_next_token_s"]) == 2
+
+
+def test_chaos_runner_completes_every_session_exactly():
+    result = subprocess.run([sys.executable, str(BENCH.parent / "chaos.py"), "--duration", "16", "--sessions", "4",
+                             "--replicas", "2", "--interval", "4"], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = result.stdout.strip().splitlines()
+    figures = json.loads(line)
+    assert figures["kills"] + figures["sigterms"] == 3
+    assert figures["sessions_started"] == figures["sessions_completed"] == figures["exact"] > 0, figures

@@ -97,8 +97,9 @@ def test_missing_block_is_named(tiny_model, local_swarm):
     path = tiny_model("qwen3")
     local_swarm.start_nodes(path, [(0, 3)], "--model-name", "half-qwen3")
     with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                     model_name_in_swarm="half-qwen3") as model:
-        with pytest.raises(MissingBlocksError, match="no online node serves block 3 of model 'half-qwen3'"):
+                                                     model_name_in_swarm="half-qwen3", failover_deadline=2) as model:
+        with pytest.raises(MissingBlocksError, match="waited 2 s for a node; still no online node serves block 3 of "
+                                                     "model 'half-qwen3'"):
             model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
 
 
