@@ -216,7 +216,7 @@ class InferenceSession:
         delay = 0.5
         while True:
             records = await self.connection.records(self.model_name)
-            if not records:
+            if not records and not self.spans:  # at open; after a failure, the nodes may come back
                 raise RoutingError(f"no node announces model {self.model_name!r}: the name is unknown to the swarm "
                                    "or all its nodes are offline")
             excluded = self.blocked_nodes | self.connection.banned()
@@ -369,22 +369,31 @@ class InferenceSession:
                     await send(offset + 1, hidden)
         return hidden
 
-    async def _replace(self, index: int, history: list[tuple[list[int], torch.Tensor]]) -> None:
-        """Put a new chain, with history replayed, in place of spans[index]."""
+    async def _replace(self, index: int, history: list[tuple[list[int], torch.Tensor]], wait: bool = True) -> None:
+        """Put a new chain, with history replayed, in place of spans[index]. Without wait, missing blocks
+        raise MissingBlocksError at once."""
         old = self.spans[index]
-        await old.close()
-        deadline = time.monotonic() + self.failover_deadline
+        deadline = time.monotonic() + (self.failover_deadline if wait else 0.0)
         self.spans[index:index + 1] = await self._open_chain(old.hop.start, old.hop.end, deadline, history)
+        await old.close()
 
     async def _move_off_draining_nodes(self) -> None:
+        """Move the parts of the session on nodes that are leaving, while they still serve it."""
         for index in reversed(range(len(self.spans))):
             span = self.spans[index]
             if span.draining:
-                logger.info("node %s is leaving; moving blocks %d:%d", span.hop.node.label, span.hop.start,
-                            span.hop.end)
                 began = time.monotonic()
                 self.connection.ban(span.hop.node.peer_id)
-                await self._replace(index, span.inputs)
+                try:
+                    await self._replace(index, span.inputs, wait=False)
+                except Exception as e:
+                    if not (isinstance(e, RoutingError) or failed(e)):
+                        raise
+                    # nowhere to go yet: stay while it still serves, and try again after the next step
+                    logger.info("node %s is leaving, but moving failed (%r); staying for now", span.hop.node.label, e)
+                    continue
+                logger.info("node %s is leaving; moved blocks %d:%d", span.hop.node.label, span.hop.start,
+                            span.hop.end)
                 self.failovers.append(time.monotonic() - began)
 
     def _add_tokens(self, token_ids: list[list[int]] | None) -> None:
