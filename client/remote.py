@@ -19,7 +19,7 @@ from hivemind.p2p import P2P, PeerID
 
 from swarm import rpc
 from swarm.protocol import pack
-from swarm.records import NodeRecord, fetch_records
+from swarm.records import NodeRecord, SignedRecordValidator, fetch_records
 from swarm.routing import Probe
 
 T = TypeVar("T")
@@ -51,7 +51,7 @@ class SwarmConnection:
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
-                       host_maddrs=[f"/ip4/{host}/tcp/0"])
+                       host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
 

@@ -18,15 +18,18 @@ import logging
 import os
 import random
 import signal
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
 
 from node.kv_cache import PagePool
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
@@ -45,7 +48,8 @@ from swarm.protocol import (
     read_frame,
     write_frame,
 )
-from swarm.records import NodeRecord, NodeState, announce, fetch_records
+from swarm.identity import load_identity
+from swarm.records import NodeRecord, NodeState, SignedRecordValidator, announce, fetch_records
 from swarm.relays import RELAY_OPTIONS, relayed_peer_options
 
 logger = logging.getLogger(__name__)
@@ -142,6 +146,7 @@ class Node:
     def record(self) -> NodeRecord:
         stats = self.scheduler.stats() if self.scheduler else {}
         return NodeRecord(peer_id=self.peer_id, start=self.start, end=self.end, state=self.state,
+                          timestamp=get_dht_time(),
                           max_length=self.max_length, free_pages=self.pool.free_pages if self.pool else 0,
                           page_size=self.config.page_size, dtype=protocol.DTYPE_NAMES[self.config.dtype],
                           throughput=self.throughput.decode, prefill_throughput=self.throughput.prefill,
@@ -155,7 +160,11 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
-        self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=self.config.identity_path,
+        identity_path = self.config.identity_path or self._temporary_identity()
+        fresh = not Path(identity_path).exists()  # a new key cannot be in use by another peer: skip that check
+        key = load_identity(identity_path)
+        self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=str(identity_path),
+                       record_validators=[SignedRecordValidator(key)], check_if_identity_free=not fresh,
                        host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
                        announce_maddrs=self.config.announce_maddrs or None,
                        **(relayed_peer_options(self.config.relay_via) if self.config.relay_via else {}),
@@ -175,6 +184,12 @@ class Node:
             await self._keep_announcing()
         finally:
             await self._shutdown()
+
+    def _temporary_identity(self) -> Path:
+        """Without --identity a node is a new peer each run: a fresh key in a directory removed at exit."""
+        directory = tempfile.TemporaryDirectory(prefix="swarm-identity-")
+        self._identity_dir = directory  # kept alive (and the key file with it) until the node object goes
+        return Path(directory.name) / "identity.key"
 
     def _on_signal(self) -> None:
         """SIGTERM or SIGINT: leave gracefully; a second one: exit now."""

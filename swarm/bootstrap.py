@@ -8,6 +8,7 @@ import threading
 
 from hivemind.dht import DHT
 
+from swarm.records import SignedRecordValidator
 from swarm.relays import RELAY_OPTIONS
 
 # Multiaddrs of the public swarm's bootstrap peers, the default of every --initial-peers. Empty until the
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     dht = DHT(initial_peers=args.initial_peers, start=True, identity_path=args.identity,
-              host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], **(RELAY_OPTIONS if args.relay else {}))
+              host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], record_validators=[SignedRecordValidator()],
+              **(RELAY_OPTIONS if args.relay else {}))
     print("bootstrap peer is up; pass these to --initial-peers:", flush=True)
     print(" ".join(str(maddr) for maddr in dht.get_visible_maddrs()), flush=True)
     stop = threading.Event()

@@ -2,20 +2,26 @@
 
 All nodes serving a model store their record under one DHT key derived from the model's name, each under
 its own subkey (its peer id), so one lookup gives a client the whole swarm of that model. Records expire
-unless their node refreshes them.
+unless their node refreshes them. Every record is signed by its node's Ed25519 identity, and every peer
+(nodes, clients, bootstrap peers) runs SignedRecordValidator, so nobody can forge or overwrite another
+node's record, or replay an old one past its expiration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 from dataclasses import dataclass
 from enum import Enum
 
 import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht import DHT
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
+from swarm import identity
 from swarm.protocol import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,7 @@ class NodeRecord:
     rtts: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds to peers serving the next blocks
     relayed: bool = False  # reachable only through a libp2p relay
     public_name: str = ""
+    timestamp: float = 0.0  # DHT time of the announcement
     version: str = SOFTWARE_VERSION
     protocol: int = PROTOCOL_VERSION
 
@@ -103,3 +110,52 @@ async def fetch_records(dht: DHT, model_name: str) -> list[NodeRecord]:
         if record.peer_id == subkey:
             records.append(record)
     return records
+
+
+class SignedRecordValidator(RecordValidatorBase):
+    """Accepts a record only if the peer whose id is its subkey signed it. The signature covers the DHT key,
+    subkey, value and expiration time: it cannot be moved to another key or replayed with a later expiration
+    (and the DHT keeps the latest expiration, so an old record cannot replace a newer one).
+
+    A node passes its key to sign its own records; clients and bootstrap peers only validate."""
+
+    def __init__(self, key: Ed25519PrivateKey | None = None):
+        self.key = key
+        self.peer_id = identity.peer_id_of(key) if key is not None else None
+
+    @staticmethod
+    def _signed_bytes(record: DHTRecord, payload: bytes) -> bytes:
+        return b"".join([record.key, record.subkey, struct.pack(">d", record.expiration_time), payload])
+
+    @staticmethod
+    def _owner(record: DHTRecord) -> str | None:
+        try:
+            owner = msgpack.unpackb(record.subkey, raw=False)
+        except Exception:
+            return None
+        return owner if isinstance(owner, str) else None
+
+    @staticmethod
+    def _envelope(record: DHTRecord) -> tuple[bytes, bytes] | None:
+        try:
+            envelope = msgpack.unpackb(record.value, raw=False)
+            payload, signature = envelope["payload"], envelope["signature"]
+        except Exception:
+            return None
+        return (payload, signature) if isinstance(payload, bytes) and isinstance(signature, bytes) else None
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        if self.key is None or self._owner(record) != self.peer_id:
+            return record.value  # not ours to sign: other peers will refuse it
+        signature = self.key.sign(self._signed_bytes(record, record.value))
+        return msgpack.packb({"payload": record.value, "signature": signature}, use_bin_type=True)
+
+    def validate(self, record: DHTRecord) -> bool:
+        owner, envelope = self._owner(record), self._envelope(record)
+        if owner is None or envelope is None:
+            return False
+        payload, signature = envelope
+        return identity.verify(owner, signature, self._signed_bytes(record, payload))
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return self._envelope(record)[0]
