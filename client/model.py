@@ -86,14 +86,14 @@ class DistributedModelForCausalLM:
     def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str] = PUBLIC_INITIAL_PEERS, *,
                         model_name_in_swarm: str | None = None, dtype: torch.dtype = torch.float32,
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
-                        push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0
-                        ) -> PreTrainedModel:
+                        push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0,
+                        swarm_key: str | Path | None = None) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
         model_name_in_swarm defaults to the folder's name, as for `swarm node`. allowed_nodes / blocked_nodes
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
         itself instead of nodes sending it to the next node. step_timeout and failover_deadline: see
-        InferenceSession.
+        InferenceSession. swarm_key: the key file of a private swarm.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -117,7 +117,7 @@ class DistributedModelForCausalLM:
         model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push,
                                  "step_timeout": step_timeout, "failover_deadline": failover_deadline}
         model._detect_layer_output_convention()
-        model.connection = SwarmConnection(initial_peers)
+        model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key)
         return model
 
     def _detect_layer_output_convention(self) -> None:

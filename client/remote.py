@@ -11,16 +11,18 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvloop
 from hivemind.dht import DHT
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm import rpc
 from swarm.protocol import pack
 from swarm.records import NodeRecord, SignedRecordValidator, fetch_records
 from swarm.routing import Probe
+from swarm.swarm_key import SwarmKey
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -47,7 +49,11 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class SwarmConnection:
-    def __init__(self, initial_peers: Sequence[str], host: str = "127.0.0.1"):
+    """swarm_key: a private swarm's key (or its file); None for a public swarm."""
+
+    def __init__(self, initial_peers: Sequence[str], host: str = "127.0.0.1",
+                 swarm_key: SwarmKey | str | Path | None = None):
+        self.swarm_key = SwarmKey.load(swarm_key) if isinstance(swarm_key, (str, Path)) else swarm_key
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
@@ -65,15 +71,15 @@ class SwarmConnection:
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
     async def records(self, model_name: str) -> list[NodeRecord]:
-        return await fetch_records(self.dht, model_name)
+        return await fetch_records(self.dht, model_name, self.swarm_key)
 
     async def open_stream(self, peer_id: str, handler: str):
-        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
-        return reader, writer
+        return await rpc.open_stream(self.p2p, peer_id, handler, self.swarm_key)
 
     async def probe(self, records: Sequence[NodeRecord], timeout: float = 5.0) -> dict[str, Probe]:
         """Ping the nodes at once: round trip and live load of each one that answered."""
-        answers = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout) for r in records),
+        answers = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout, swarm_key=self.swarm_key)
+                                         for r in records),
                                        return_exceptions=True)
         probes = {}
         for record, answer in zip(records, answers):
@@ -88,7 +94,7 @@ class SwarmConnection:
     async def node_stats(self, peer_id: str) -> dict:
         """A node's figures: span, state, scheduler counters (sessions, pages, preemptions...) and its sessions'
         chains (where each one's outputs are pushed)."""
-        return await rpc.call(self.p2p, peer_id, pack("stats"))
+        return await rpc.call(self.p2p, peer_id, pack("stats"), swarm_key=self.swarm_key)
 
     def shutdown(self) -> None:
         run_coroutine(self.p2p.shutdown())

@@ -17,6 +17,7 @@ from swarm.records import NodeRecord, NodeState
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_name", help="the model's name in the swarm (a node's --model-name, else its folder name)")
     parser.add_argument("--initial-peers", nargs="*", default=PUBLIC_INITIAL_PEERS, help="multiaddrs of peers in the swarm")
+    parser.add_argument("--swarm-key", help="key file of a private swarm")
     parser.add_argument("--sessions", action="store_true", help="ask every node for its sessions and show their chains")
 
 
@@ -58,7 +59,7 @@ def describe_chains(stats: dict[str, dict], labels: dict[str, str]) -> list[str]
 
 
 def run(args: argparse.Namespace) -> None:
-    connection = SwarmConnection(args.initial_peers)
+    connection = SwarmConnection(args.initial_peers, swarm_key=args.swarm_key)
     try:
         records = run_coroutine(connection.records(args.model_name))
         if not records:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from hivemind.dht import DHT
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.kv_cache import PagePool
@@ -51,12 +51,14 @@ from swarm.protocol import (
 from swarm.identity import load_identity
 from swarm.records import NodeRecord, NodeState, SignedRecordValidator, announce, fetch_records
 from swarm.relays import RELAY_OPTIONS, relayed_peer_options
+from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
 MAX_JOIN_ROUNDS = 16  # of re-choosing a span while other nodes join at the same time
 MAX_RTT_PEERS = 5  # peers serving the next blocks whose round trip a node measures and announces
 MAX_CHAIN_LENGTH = 256
+HELLO_TIMEOUT = 10.0  # seconds a private swarm's node waits for a new stream's proof of membership
 
 
 class RequestError(ValueError):
@@ -97,6 +99,7 @@ class NodeConfig:
     announce_maddrs: list[str] = field(default_factory=list)
     relay_via: list[str] = field(default_factory=list)  # relays this node is reached through (not directly)
     relay: bool = False  # relay connections for peers that are not directly reachable
+    swarm_key_path: str | None = None  # a private swarm's key file
     public_name: str = ""
     session_timeout: float = 300.0
     announce_period: float = 10.0
@@ -138,6 +141,7 @@ class Node:
         self._leaving = asyncio.Event()  # drain, then exit
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
+        self.swarm_key = SwarmKey.load(config.swarm_key_path) if config.swarm_key_path else None
 
     @property
     def peer_id(self) -> str:
@@ -154,7 +158,7 @@ class Node:
                           relayed=bool(self.config.relay_via), public_name=self.config.public_name)
 
     async def _announce(self) -> None:
-        await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl)
+        await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl, self.swarm_key)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -207,7 +211,7 @@ class Node:
                 await self._leave()
                 return
             await self._announce()
-            records = await fetch_records(self.dht, self.config.model_name)
+            records = await fetch_records(self.dht, self.config.model_name, self.swarm_key)
             self.rtts = await self._measure_rtts(records)  # announced with the next refresh
             if time.monotonic() >= next_balance:
                 await self._rebalance()
@@ -258,7 +262,7 @@ class Node:
         num_blocks = self.model_config.num_hidden_layers
         previous = None
         for _ in range(MAX_JOIN_ROUNDS):
-            records = await fetch_records(self.dht, self.config.model_name)
+            records = await fetch_records(self.dht, self.config.model_name, self.swarm_key)
             self.throughput = Throughput(self._estimated_throughput(length, records), 0.0)
             choice = choose_span(records, num_blocks, length, self.throughput.decode, self.peer_id)
             if choice == previous:
@@ -297,7 +301,7 @@ class Node:
                     self.max_length)
 
     async def _rebalance(self) -> None:
-        records = await fetch_records(self.dht, self.config.model_name)
+        records = await fetch_records(self.dht, self.config.model_name, self.swarm_key)
         me = self.record()
         target = better_start(records, self.model_config.num_hidden_layers, me, self.config.balance_margin)
         if target is None:
@@ -341,7 +345,8 @@ class Node:
                      and r.state == NodeState.ONLINE]
         following = random.sample(following, min(len(following), MAX_RTT_PEERS))
         timeout = min(5.0, self.config.announce_period)  # a dead peer must not delay the next refresh much
-        rtts = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout) for r in following),
+        rtts = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout, swarm_key=self.swarm_key)
+                                      for r in following),
                                     return_exceptions=True)
         return {r.peer_id: rtt[0] for r, rtt in zip(following, rtts) if not isinstance(rtt, BaseException)}
 
@@ -361,8 +366,27 @@ class Node:
 
     # ----- serving sessions -----
 
+    async def _member(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """In a private swarm, a stream must open with a hello frame proving membership for the caller's peer id."""
+        if self.swarm_key is None:
+            return True
+        try:
+            message = protocol.unpack(await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT) or b"")
+            if message["type"] == "hello" and self.swarm_key.check(peer, message.get("proof")):
+                return True
+        except (ProtocolError, asyncio.TimeoutError, ConnectionError):
+            pass
+        logger.info("refusing a stream from %s: no proof of membership in this private swarm", peer)
+        with contextlib.suppress(ConnectionError):
+            await write_frame(writer, error_frame("unauthorized", "this is a private swarm: open streams with a "
+                                                                  "hello frame proving membership (--swarm-key)"))
+        writer.close()
+        return False
+
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()
+        if not await self._member(peer, reader, writer):
+            return
         stream: ClientStream | None = None
         try:
             while True:
@@ -435,6 +459,8 @@ class Node:
         """Steps pushed by the previous node of sessions' chains; each runs as if its client had sent it, and
         the reply (or error) goes to that client."""
         peer = stream_info.peer_id.to_base58()
+        if not await self._member(peer, reader, writer):
+            return
         try:
             while (frame := await read_frame(reader)) is not None:
                 try:
@@ -487,9 +513,8 @@ class Node:
         peer = target["peer"]
         try:
             if peer not in self._push_writers:
-                _, _, writer = await asyncio.wait_for(
-                    self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol.PUSH_HANDLER), 5)
-                self._push_writers[peer] = writer
+                _, self._push_writers[peer] = await asyncio.wait_for(
+                    rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key), 5)
             await write_frame(self._push_writers[peer], frame)
         except Exception as e:
             logger.info("could not push to %s: %s", peer, e)

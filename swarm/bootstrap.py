@@ -10,6 +10,7 @@ from hivemind.dht import DHT
 
 from swarm.records import SignedRecordValidator
 from swarm.relays import RELAY_OPTIONS
+from swarm.swarm_key import SwarmKey
 
 # Multiaddrs of the public swarm's bootstrap peers, the default of every --initial-peers. Empty until the
 # public swarm has one: until then, start a private swarm with `swarm bootstrap`.
@@ -21,11 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for a local swarm)")
     parser.add_argument("--port", type=int, default=31337, help="TCP port (0 picks a free one)")
     parser.add_argument("--initial-peers", nargs="*", default=[], help="join an existing swarm through these multiaddrs")
+    parser.add_argument("--new-private-swarm", metavar="KEY_FILE",
+                        help="start a private swarm: write a new swarm key to KEY_FILE; give it (only) to its "
+                             "members' --swarm-key")
     parser.add_argument("--relay", action="store_true", help="relay connections for nodes that are not directly "
                                                             "reachable (they join with --relay-via)")
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.new_private_swarm:
+        SwarmKey.create(args.new_private_swarm)
+        print(f"wrote the swarm key of a new private swarm to {args.new_private_swarm}", flush=True)
     dht = DHT(initial_peers=args.initial_peers, start=True, identity_path=args.identity,
               host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], record_validators=[SignedRecordValidator()],
               **(RELAY_OPTIONS if args.relay else {}))

@@ -23,6 +23,7 @@ from hivemind.utils import get_dht_time
 
 from swarm import identity
 from swarm.protocol import PROTOCOL_VERSION
+from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -86,24 +87,32 @@ class NodeRecord:
         return self.public_name or self.peer_id[-6:]
 
 
-def model_key(model_name: str) -> str:
-    return f"swarm-inference/{model_name}/nodes"
+def model_key(model_name: str, swarm_key: SwarmKey | None = None) -> str:
+    return f"swarm-inference/{swarm_key.dht_name(model_name) if swarm_key else model_name}/nodes"
 
 
-async def announce(dht: DHT, model_name: str, record: NodeRecord, ttl: float) -> bool:
-    return await dht.store(model_key(model_name), subkey=record.peer_id, value=record.to_bytes(),
-                           expiration_time=get_dht_time() + ttl, return_future=True)
+async def announce(dht: DHT, model_name: str, record: NodeRecord, ttl: float, swarm_key: SwarmKey | None = None) -> bool:
+    key = model_key(model_name, swarm_key)
+    value = record.to_bytes()
+    if swarm_key is not None:
+        value = swarm_key.seal(value, f"{key}/{record.peer_id}".encode())
+    return await dht.store(key, subkey=record.peer_id, value=value, expiration_time=get_dht_time() + ttl,
+                           return_future=True)
 
 
-async def fetch_records(dht: DHT, model_name: str) -> list[NodeRecord]:
-    """Every live record of the model; records that fail to decode are skipped."""
-    found = await dht.get(model_key(model_name), latest=True, return_future=True)
+async def fetch_records(dht: DHT, model_name: str, swarm_key: SwarmKey | None = None) -> list[NodeRecord]:
+    """Every live record of the model; records that fail to decode (or to open, in a private swarm) are skipped."""
+    key = model_key(model_name, swarm_key)
+    found = await dht.get(key, latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return []
     records = []
     for subkey, entry in found.value.items():
         try:
-            record = NodeRecord.from_bytes(entry.value)
+            value = entry.value
+            if swarm_key is not None:
+                value = swarm_key.open(value, f"{key}/{subkey}".encode())
+            record = NodeRecord.from_bytes(value)
         except Exception as e:  # a peer may publish anything; one bad record must not hide the others
             logger.debug("skipping an undecodable record under %s: %s", subkey, e)
             continue

@@ -1,4 +1,5 @@
-"""One-shot requests to a node over a fresh libp2p stream: ping (round trip and live load) and stats."""
+"""Streams to nodes (with the membership proof of a private swarm) and one-shot requests over a fresh stream:
+ping (round trip and live load) and stats."""
 
 from __future__ import annotations
 
@@ -9,13 +10,28 @@ from hivemind.p2p import P2P, PeerID
 
 from swarm import protocol
 from swarm.protocol import pack, read_frame, write_frame
+from swarm.swarm_key import SwarmKey
 
 
-async def call(p2p: P2P, peer_id: str, frame: bytes, timeout: float = 10.0) -> dict:
+def hello(p2p: P2P, swarm_key: SwarmKey | None) -> bytes | None:
+    """The frame that opens every stream in a private swarm: proof of membership for this peer's id."""
+    return None if swarm_key is None else pack("hello", proof=swarm_key.proof(p2p.peer_id.to_base58()))
+
+
+async def open_stream(p2p: P2P, peer_id: str, handler: str, swarm_key: SwarmKey | None = None):
+    """A stream to a peer's handler, introduced with the membership proof in a private swarm."""
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
+    greeting = hello(p2p, swarm_key)
+    if greeting is not None:
+        await write_frame(writer, greeting)
+    return reader, writer
+
+
+async def call(p2p: P2P, peer_id: str, frame: bytes, timeout: float = 10.0, swarm_key: SwarmKey | None = None) -> dict:
     """Send one frame on the inference protocol and return the decoded reply."""
 
     async def exchange() -> dict:
-        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol.INFERENCE_HANDLER)
+        reader, writer = await open_stream(p2p, peer_id, protocol.INFERENCE_HANDLER, swarm_key)
         try:
             await write_frame(writer, frame)
             reply = await read_frame(reader)
@@ -28,11 +44,12 @@ async def call(p2p: P2P, peer_id: str, frame: bytes, timeout: float = 10.0) -> d
     return await asyncio.wait_for(exchange(), timeout)
 
 
-async def ping(p2p: P2P, peer_id: str, timeout: float = 5.0, tries: int = 2) -> tuple[float, dict]:
+async def ping(p2p: P2P, peer_id: str, timeout: float = 5.0, tries: int = 2,
+               swarm_key: SwarmKey | None = None) -> tuple[float, dict]:
     """Best round trip in seconds over a few pings (the first also opens the connection), and the last reply."""
     best, reply = float("inf"), {}
     for _ in range(tries):
         began = time.perf_counter()
-        reply = await call(p2p, peer_id, pack("ping"), timeout)
+        reply = await call(p2p, peer_id, pack("ping"), timeout, swarm_key)
         best = min(best, time.perf_counter() - began)
     return best, reply
