@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-timeout", type=float, default=60.0,
                         help="seconds a new session may wait for KV cache room before it is refused")
     parser.add_argument("--max-sessions-per-peer", type=int, default=64, help="open sessions one client may hold")
+    parser.add_argument("--max-sessions", type=int, default=1024, help="open and queued sessions of all clients")
+    parser.add_argument("--max-requests-per-peer", type=float, default=1000.0,
+                        help="requests per second one peer may send on average (bursts of twice that)")
     parser.add_argument("--max-queued-tokens-per-peer", type=int, default=65536,
                         help="tokens one client may have waiting for computation")
     parser.add_argument("--num-threads", type=int,
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> None:
         device=args.device, dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
         max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
         kv_overcommit=args.kv_overcommit, swap_gb=args.swap_gb, queue_timeout=args.queue_timeout,
-        max_sessions_per_peer=args.max_sessions_per_peer, max_queued_tokens_per_peer=args.max_queued_tokens_per_peer,
+        max_sessions_per_peer=args.max_sessions_per_peer, max_sessions=args.max_sessions,
+        max_requests_per_peer=args.max_requests_per_peer, max_queued_tokens_per_peer=args.max_queued_tokens_per_peer,
         throughput=args.throughput, balance_period=args.balance_period, balance_margin=args.balance_margin,
         drain_timeout=args.drain_timeout, identity_path=args.identity, announce_maddrs=announce_maddrs,
         relay_via=args.relay_via, relay=args.relay, swarm_key_path=args.swarm_key, public_name=args.public_name,

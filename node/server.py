@@ -32,6 +32,7 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.kv_cache import PagePool
+from node.limits import RequestRate
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
 from node.span import Span, block_bytes
 from node.throughput import Throughput, cached_estimate, model_identity, probe
@@ -89,6 +90,8 @@ class NodeConfig:
     swap_gb: float = 0.0
     queue_timeout: float = 60.0
     max_sessions_per_peer: int = 64
+    max_sessions: int = 1024  # open and queued sessions of all peers together
+    max_requests_per_peer: float = 1000.0  # frames per second on average (bursts of twice that)
     max_queued_tokens_per_peer: int = 65536
     throughput: float | None = None  # decode tokens/s to announce instead of measuring
     balance_period: float = 120.0  # seconds between rebalancing checks (0: never move)
@@ -142,6 +145,7 @@ class Node:
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
         self.swarm_key = SwarmKey.load(config.swarm_key_path) if config.swarm_key_path else None
+        self.request_rate = RequestRate(config.max_requests_per_peer)
 
     @property
     def peer_id(self) -> str:
@@ -405,6 +409,9 @@ class Node:
                     break
                 message = None
                 try:
+                    if not self.request_rate.allow(peer):
+                        raise RequestError("busy", f"more than {self.config.max_requests_per_peer:g} requests per "
+                                                   "second from one peer; slow down")
                     message = protocol.unpack(frame)
                     if message["type"] == "step":
                         if stream is None or message.get("session") != stream.session.id:
@@ -464,6 +471,8 @@ class Node:
         try:
             while (frame := await read_frame(reader)) is not None:
                 try:
+                    if not self.request_rate.allow(peer):
+                        raise RequestError("busy", "too many pushed steps from one peer")
                     message = protocol.unpack(frame)
                     stream = self.streams.get(message.get("session"))
                     if message["type"] != "step" or stream is None:
@@ -557,6 +566,8 @@ class Node:
         priority = message.get("priority", PRIORITIES[0])
         if priority not in PRIORITIES:
             raise RequestError("bad_request", f"priority must be one of {PRIORITIES}, got {priority!r}")
+        if len(self.scheduler.sessions) + len(self.scheduler.waiting) >= self.config.max_sessions:
+            raise RequestError("busy", f"this node holds its maximum of {self.config.max_sessions} sessions")
         if self.scheduler.sessions_of(peer) >= self.config.max_sessions_per_peer:
             raise RequestError("busy", f"a peer may hold at most {self.config.max_sessions_per_peer} sessions here")
         return Session(uuid.uuid4().hex, peer, start, end, max_length, PRIORITIES.index(priority),
