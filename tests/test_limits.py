@@ -15,8 +15,9 @@ from swarm.routing import Hop
 def test_session_cap_and_request_rate(tiny_model, local_swarm):
     path = tiny_model("llama")
     [node] = local_swarm.start_nodes(path, [(0, 4)], "--max-sessions", "2", "--max-requests-per-peer", "20",
-                                     "--throughput", "100")
-    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+                                     "--throughput", "100", "--model-name", "limited-llama")
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="limited-llama") as model:
         [record] = run_coroutine(model.connection.records(model.swarm_model_name))
         hop = Hop(record, 0, 4)
         opened = [run_coroutine(SpanSession.open(model.connection, hop, 16, 1)) for _ in range(2)]

@@ -19,13 +19,15 @@ def test_private_swarm_is_closed_to_outsiders(tiny_model, local_swarm, tmp_path)
     path = tiny_model("llama")
     key_file = tmp_path / "swarm.key"
     key = SwarmKey.create(key_file)
-    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--swarm-key", str(key_file), "--throughput", "100")
+    name = "private-llama"  # a name no public node of the shared test DHT uses
+    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--swarm-key", str(key_file), "--throughput", "100",
+                                    "--model-name", name)
     outsider = SwarmConnection(local_swarm.initial_peers)  # on the same DHT, without the key
     raw = DHT(initial_peers=local_swarm.initial_peers, start=True)  # an outsider that stores whatever it likes
     try:
-        assert run_coroutine(outsider.records(path.name)) == []
+        assert run_coroutine(outsider.records(name)) == []
         # even knowing the members' DHT key, the outsider finds only sealed bytes
-        members_key = model_key(path.name, key)
+        members_key = model_key(name, key)
         sealed = raw.get(members_key, latest=True).value
         assert set(sealed) == {node.peer_id for node in nodes}
         for entry in sealed.values():
@@ -52,7 +54,7 @@ def test_private_swarm_is_closed_to_outsiders(tiny_model, local_swarm, tmp_path)
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                     swarm_key=key_file) as model:
+                                                     model_name_in_swarm=name, swarm_key=key_file) as model:
         records = run_coroutine(model.connection.records(model.swarm_model_name))
         assert sorted(r.peer_id for r in records) == sorted(node.peer_id for node in nodes)  # not the fake one
         assert_same_tokens(model.generate(ids, max_new_tokens=8, do_sample=False),
