@@ -60,6 +60,7 @@ MAX_JOIN_ROUNDS = 16  # of re-choosing a span while other nodes join at the same
 MAX_RTT_PEERS = 5  # peers serving the next blocks whose round trip a node measures and announces
 MAX_CHAIN_LENGTH = 256
 HELLO_TIMEOUT = 10.0  # seconds a private swarm's node waits for a new stream's proof of membership
+LINGER_SECONDS = 2.0  # for a refused peer to read why before its stream closes
 
 
 class RequestError(ValueError):
@@ -381,10 +382,8 @@ class Node:
         except (ProtocolError, asyncio.TimeoutError, ConnectionError):
             pass
         logger.info("refusing a stream from %s: no proof of membership in this private swarm", peer)
-        with contextlib.suppress(ConnectionError):
-            await write_frame(writer, error_frame("unauthorized", "this is a private swarm: open streams with a "
-                                                                  "hello frame proving membership (--swarm-key)"))
-        writer.close()
+        await _say_last(reader, writer, error_frame("unauthorized", "this is a private swarm: open streams with a "
+                                                                    "hello frame proving membership (--swarm-key)"))
         return False
 
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -628,3 +627,16 @@ class Node:
 
 def _digest(session_id: str) -> str:
     return hashlib.blake2b(session_id.encode(), digest_size=6).hexdigest()
+
+
+async def _say_last(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame: bytes) -> None:
+    """Write a stream's last frame and close it once the peer has closed its side (or after a moment): closing
+    at once can reset the stream before the frame reaches the peer."""
+    async def drain_until_closed() -> None:
+        while await reader.read(65536):
+            pass
+
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+        await write_frame(writer, frame)
+        await asyncio.wait_for(drain_until_closed(), LINGER_SECONDS)
+    writer.close()
