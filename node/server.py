@@ -153,14 +153,11 @@ class Node:
         return self.dht.peer_id.to_base58()
 
     def record(self) -> NodeRecord:
-        stats = self.scheduler.stats() if self.scheduler else {}
         return NodeRecord(peer_id=self.peer_id, start=self.start, end=self.end, state=self.state,
-                          timestamp=get_dht_time(),
-                          max_length=self.max_length, free_pages=self.pool.free_pages if self.pool else 0,
-                          page_size=self.config.page_size, dtype=protocol.DTYPE_NAMES[self.config.dtype],
-                          throughput=self.throughput.decode, prefill_throughput=self.throughput.prefill,
-                          sessions=stats.get("sessions", 0), queued=stats.get("queued", 0), rtts=self.rtts,
-                          relayed=bool(self.config.relay_via), public_name=self.config.public_name)
+                          timestamp=get_dht_time(), max_length=self.max_length, page_size=self.config.page_size,
+                          dtype=protocol.DTYPE_NAMES[self.config.dtype], throughput=self.throughput.decode,
+                          prefill_throughput=self.throughput.prefill, rtts=self.rtts,
+                          relayed=bool(self.config.relay_via), public_name=self.config.public_name, **self._load())
 
     async def _announce(self) -> None:
         await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl, self.swarm_key)
@@ -534,9 +531,11 @@ class Node:
         return True
 
     def _load(self) -> dict[str, int]:
-        stats = self.scheduler.stats() if self.scheduler else {}
-        return {"sessions": stats.get("sessions", 0), "queued": stats.get("queued", 0),
-                "free_pages": self.pool.free_pages if self.pool else 0}
+        """Sessions open and queued, and free cache pages: what clients route by (records and pings)."""
+        if self.scheduler is None:
+            return {"sessions": 0, "queued": 0, "free_pages": 0}
+        return {"sessions": len(self.scheduler.sessions), "queued": len(self.scheduler.waiting),
+                "free_pages": self.pool.free_pages}
 
     def _chains(self) -> list[dict]:
         """Each session here and where its outputs go, under digests of the session ids: the ids themselves let
@@ -565,7 +564,8 @@ class Node:
         priority = message.get("priority", PRIORITIES[0])
         if priority not in PRIORITIES:
             raise RequestError("bad_request", f"priority must be one of {PRIORITIES}, got {priority!r}")
-        if len(self.scheduler.sessions) + len(self.scheduler.waiting) >= self.config.max_sessions:
+        load = self._load()
+        if load["sessions"] + load["queued"] >= self.config.max_sessions:
             raise RequestError("busy", f"this node holds its maximum of {self.config.max_sessions} sessions")
         if self.scheduler.sessions_of(peer) >= self.config.max_sessions_per_peer:
             raise RequestError("busy", f"a peer may hold at most {self.config.max_sessions_per_peer} sessions here")

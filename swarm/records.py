@@ -91,11 +91,16 @@ def model_key(model_name: str, swarm_key: SwarmKey | None = None) -> str:
     return f"swarm-inference/{swarm_key.dht_name(model_name) if swarm_key else model_name}/nodes"
 
 
+def _seal_context(key: str, peer_id: str) -> bytes:
+    """What a sealed record is bound to: it opens only under the DHT key and subkey it was sealed for."""
+    return f"{key}/{peer_id}".encode()
+
+
 async def announce(dht: DHT, model_name: str, record: NodeRecord, ttl: float, swarm_key: SwarmKey | None = None) -> bool:
     key = model_key(model_name, swarm_key)
     value = record.to_bytes()
     if swarm_key is not None:
-        value = swarm_key.seal(value, f"{key}/{record.peer_id}".encode())
+        value = swarm_key.seal(value, _seal_context(key, record.peer_id))
     return await dht.store(key, subkey=record.peer_id, value=value, expiration_time=get_dht_time() + ttl,
                            return_future=True)
 
@@ -111,7 +116,7 @@ async def fetch_records(dht: DHT, model_name: str, swarm_key: SwarmKey | None = 
         try:
             value = entry.value
             if swarm_key is not None:
-                value = swarm_key.open(value, f"{key}/{subkey}".encode())
+                value = swarm_key.open(value, _seal_context(key, subkey))
             record = NodeRecord.from_bytes(value)
         except Exception as e:  # a peer may publish anything; one bad record must not hide the others
             logger.debug("skipping an undecodable record under %s: %s", subkey, e)

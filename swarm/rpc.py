@@ -13,17 +13,12 @@ from swarm.protocol import pack, read_frame, write_frame
 from swarm.swarm_key import SwarmKey
 
 
-def hello(p2p: P2P, swarm_key: SwarmKey | None) -> bytes | None:
-    """The frame that opens every stream in a private swarm: proof of membership for this peer's id."""
-    return None if swarm_key is None else pack("hello", proof=swarm_key.proof(p2p.peer_id.to_base58()))
-
-
 async def open_stream(p2p: P2P, peer_id: str, handler: str, swarm_key: SwarmKey | None = None):
-    """A stream to a peer's handler, introduced with the membership proof in a private swarm."""
+    """A stream to a peer's handler. In a private swarm it opens with a hello frame: proof of membership for
+    this peer's id."""
     _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
-    greeting = hello(p2p, swarm_key)
-    if greeting is not None:
-        await write_frame(writer, greeting)
+    if swarm_key is not None:
+        await write_frame(writer, pack("hello", proof=swarm_key.proof(p2p.peer_id.to_base58())))
     return reader, writer
 
 

@@ -8,12 +8,16 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
 
 
-def test_batching_bench_prints_one_json_line():
-    result = subprocess.run([sys.executable, str(BENCH / "batching.py"), "--sessions", "1", "3", "--new-tokens", "6"],
-                            capture_output=True, text=True, timeout=300)
+def run_script(script: Path, *args: str, timeout: float = 300) -> dict:
+    """Run a benchmark script; it must succeed and print exactly one JSON line, which is returned."""
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = result.stdout.strip().splitlines()
-    figures = json.loads(line)
+    return json.loads(line)
+
+
+def test_batching_bench_prints_one_json_line():
+    figures = run_script(BENCH / "batching.py", "--sessions", "1", "3", "--new-tokens", "6")
     assert set(figures["tokens_per_s"]) == {"1", "3"} and all(rate > 0 for rate in figures["tokens_per_s"].values())
     # each node holds every session's 20-token prompt and 6 decoded tokens: 26 tokens in 2 pages of 16
     assert figures["tokens_held"]["3"] == 3 * 2 * 26 and figures["pages_used"]["3"] == 3 * 2 * 2
@@ -21,11 +25,7 @@ def test_batching_bench_prints_one_json_line():
 
 
 def test_push_bench_prints_one_json_line():
-    result = subprocess.run([sys.executable, str(BENCH / "push.py"), "--hidden-size", "256", "--steps", "10"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [line] = result.stdout.strip().splitlines()
-    figures = json.loads(line)
+    figures = run_script(BENCH / "push.py", "--hidden-size", "256", "--steps", "10")
     assert set(figures["per_token_ms"]) == {"push", "no_push", "one_node"}
     # every step ran forwards at the nodes, and took longer than them
     assert all(0 < figures["forward_ms"][name] < figures["per_token_ms"][name] for name in figures["per_token_ms"])
@@ -33,19 +33,12 @@ def test_push_bench_prints_one_json_line():
 
 
 def test_failover_bench_prints_one_json_line():
-    result = subprocess.run([sys.executable, str(BENCH / "failover.py"), "--context", "300", "--rounds", "2"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [line] = result.stdout.strip().splitlines()
-    figures = json.loads(line)
+    figures = run_script(BENCH / "failover.py", "--context", "300", "--rounds", "2")
     assert figures["failovers"] == 2 and len(figures["kill_to_next_token_s"]) == 2
 
 
 def test_chaos_runner_completes_every_session_exactly():
-    result = subprocess.run([sys.executable, str(BENCH.parent / "chaos.py"), "--duration", "16", "--sessions", "4",
-                             "--replicas", "2", "--interval", "4"], capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [line] = result.stdout.strip().splitlines()
-    figures = json.loads(line)
+    figures = run_script(BENCH.parent / "chaos.py", "--duration", "16", "--sessions", "4", "--replicas", "2",
+                         "--interval", "4", timeout=400)
     assert figures["kills"] + figures["sigterms"] == 3
     assert figures["sessions_started"] == figures["sessions_completed"] == figures["exact"] > 0, figures
