@@ -85,12 +85,14 @@ class DistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str] = PUBLIC_INITIAL_PEERS, *,
                         model_name_in_swarm: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu",
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
                         push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0,
                         swarm_key: str | Path | None = None) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
-        model_name_in_swarm defaults to the folder's name, as for `swarm node`. allowed_nodes / blocked_nodes
+        model_name_in_swarm defaults to the folder's name, as for `swarm node`. The client's part runs on device
+        in dtype; hidden states travel in dtype, which must be the nodes' dtype. allowed_nodes / blocked_nodes
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
         itself instead of nodes sending it to the next node. step_timeout and failover_deadline: see
         InferenceSession. swarm_key: the key file of a private swarm.
@@ -106,11 +108,12 @@ class DistributedModelForCausalLM:
         parent_name, _, attr = prefix.rpartition(".")
         model.swarm_layers = SwarmLayers()
         setattr(model.get_submodule(parent_name), attr, nn.ModuleList([model.swarm_layers]))
-        load_weights(model, path, lambda name: layer_index(name, prefix) is None, "cpu", dtype)
+        load_weights(model, path, lambda name: layer_index(name, prefix) is None, torch.device(device), dtype)
         model.tie_weights()
         missing = meta_parameters(model)
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks weights the client needs: {missing[:5]}")
+        model.to(device)  # the buffers (rotary tables) were computed on the host
         if (Path(path) / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         model.swarm_model_name = model_name_in_swarm or model_name(path)
@@ -122,7 +125,7 @@ class DistributedModelForCausalLM:
 
     def _detect_layer_output_convention(self) -> None:
         """Learn whether the family's stack expects a tensor or a tuple from each layer, on a dummy batch."""
-        ids = torch.zeros(2, 3, dtype=torch.long)
+        ids = torch.zeros(2, 3, dtype=torch.long, device=self.device)
         for returns_tuple in (False, True):
             self.swarm_layers.returns_tuple = returns_tuple
             try:
@@ -188,7 +191,7 @@ class DistributedModelForCausalLM:
                              f"{session.lengths}: pass the whole sequence including new tokens")
         width = max(new_lengths)
         offsets = torch.arange(width)[None, :] - torch.tensor([width - n for n in new_lengths])[:, None]
-        positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0)
+        positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0).to(input_ids.device)
         run.new_lengths = new_lengths
         run.token_ids = [row[len(row) - n:].tolist() for row, n in zip(input_ids, new_lengths)]
         return super().forward(input_ids=input_ids[:, -width:], position_ids=positions, use_cache=False,

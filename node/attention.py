@@ -1,11 +1,13 @@
 """Attention over the paged KV cache, plugged into transformers' own decoder layers.
 
 Layers get a ``PagedCache`` as their past_key_values/layer_past: its ``update`` writes the step's keys
-and values into the pool and returns every key/value of the step's sequences, gathered densely. Families
-that dispatch through transformers' AttentionInterface then call ``paged_attention`` (registered as
-``ATTENTION_NAME``), which applies the packed batch's block-diagonal causal mask, with the layer's sliding
-window. Families that bypass the interface run their own math over the same keys/values and the full
-causal mask that the executor passes as attention_mask.
+and values into the pool. For a ``PackedBatch`` (prefill chunks, or any batch on CPU) it returns every
+key/value of the step's sequences, gathered densely; families that dispatch through transformers'
+AttentionInterface then call ``paged_attention`` (registered as ``ATTENTION_NAME``), which applies the
+packed batch's block-diagonal causal mask, with the layer's sliding window. Families that bypass the
+interface run their own math over the same keys/values and the full causal mask that the executor passes
+as attention_mask. For a ``DecodeBatch`` (one new token per sequence, on CUDA) nothing is gathered:
+``paged_attention`` runs the paged decode kernel (node/paged_decode.py) over the pool in place.
 """
 
 from __future__ import annotations
@@ -78,13 +80,51 @@ class PackedBatch:
         return self._masks[sliding_window]
 
 
-_current: contextvars.ContextVar[tuple[PackedBatch, int]] = contextvars.ContextVar("swarm_packed_batch")
+@dataclass
+class DecodeBatch:
+    """One new token per sequence, attended straight from the pool through each sequence's block table.
+
+    The tensors may be views of a CUDA graph's static buffers (node/cuda_graphs.py).
+    """
+
+    positions: torch.Tensor  # [B] position of each sequence's new token
+    write_slots: torch.Tensor  # [B] pool slot of each new token
+    block_tables: torch.Tensor  # [B, W] int32 pages of each sequence, in order; entries past its end unused
+    lengths: torch.Tensor  # [B] keys of each sequence, the new token's included
+    page_size: int
+    attention_calls: list[int]
+    cache_updates: list[int]
+
+    @classmethod
+    def build(cls, seqs: list[SequenceCache], page_size: int, num_layers: int, device: torch.device) -> DecodeBatch:
+        """The sequences must have pages for their new token (PagePool.reserve)."""
+        meta, tables = cls.host_inputs(seqs, page_size, len(seqs), pad_page=0)
+        meta, tables = meta.to(device), tables.to(device)
+        return cls(meta[0], meta[1], tables, meta[2], page_size, [0] * num_layers, [0] * num_layers)
+
+    @staticmethod
+    def host_inputs(seqs: list[SequenceCache], page_size: int, rows: int, pad_page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions, write slots and lengths [3, rows], and block tables [rows, W], built from Python lists
+        in one tensor each (per-sequence tensors would cost more than a decode step's arithmetic). Rows past
+        the sequences are padding: position 0, written to and reading only pad_page."""
+        positions = [seq.length for seq in seqs]
+        slots = [seq.pages[p // page_size] * page_size + p % page_size for seq, p in zip(seqs, positions)]
+        pad = rows - len(seqs)
+        meta = torch.tensor([positions + [0] * pad, slots + [pad_page * page_size] * pad,
+                             [p + 1 for p in positions] + [1] * pad])
+        width = max((len(seq.pages) for seq in seqs), default=1)
+        tables = torch.tensor([seq.pages + [pad_page] * (width - len(seq.pages)) for seq in seqs] + [[pad_page] * width] * pad,
+                              dtype=torch.int32)
+        return meta, tables
+
+
+_current: contextvars.ContextVar[PagedCache] = contextvars.ContextVar("swarm_paged_cache")
 
 
 class PagedCache(Cache):
     """The transformers Cache that layers see: it reads and writes the node's page pool."""
 
-    def __init__(self, pool: PagePool, batch: PackedBatch, first_layer: int):
+    def __init__(self, pool: PagePool, batch: PackedBatch | DecodeBatch, first_layer: int):
         super().__init__(layers=[])
         self.pool, self.batch, self.first_layer = pool, batch, first_layer
 
@@ -95,6 +135,8 @@ class PagedCache(Cache):
         # [1, Hkv, T, D] -> [T, Hkv, D]
         keys[self.batch.write_slots] = key_states[0].transpose(0, 1).to(keys.dtype)
         values[self.batch.write_slots] = value_states[0].transpose(0, 1).to(values.dtype)
+        if isinstance(self.batch, DecodeBatch):
+            return key_states, value_states  # paged_attention reads the pool itself
         gathered_k = keys[self.batch.read_slots].transpose(0, 1).unsqueeze(0)
         gathered_v = values[self.batch.read_slots].transpose(0, 1).unsqueeze(0)
         return gathered_k, gathered_v
@@ -103,8 +145,8 @@ class PagedCache(Cache):
         return max((seq.length for seq in self.batch.seqs), default=0)
 
 
-def activate(batch: PackedBatch, first_layer: int) -> contextvars.Token:
-    return _current.set((batch, first_layer))
+def activate(cache: PagedCache) -> contextvars.Token:
+    return _current.set(cache)
 
 
 def deactivate(token: contextvars.Token) -> None:
@@ -114,9 +156,17 @@ def deactivate(token: contextvars.Token) -> None:
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    batch, first_layer = _current.get()
-    batch.attention_calls[module.layer_idx - first_layer] += 1
+    cache = _current.get()
+    batch, local = cache.batch, module.layer_idx - cache.first_layer
+    batch.attention_calls[local] += 1
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
+    if isinstance(batch, DecodeBatch):
+        from node.paged_decode import paged_decode_attention  # Triton: CUDA nodes only
+
+        output = paged_decode_attention(query[0].transpose(0, 1), cache.pool.keys[local], cache.pool.values[local],
+                                        batch.block_tables, batch.lengths, batch.page_size,
+                                        scaling if scaling is not None else query.shape[-1] ** -0.5, window)
+        return output[None], None
     mask = batch.mask(window)
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         # softcap (gemma2) and attention sinks (gpt-oss) exist only in the family's own eager math

@@ -52,7 +52,9 @@ class PagePool:
             raise ValueError("the KV cache needs at least one page; raise --kv-cache-gb")
         self.page_size = page_size
         self.num_pages = num_pages
-        shape = (num_layers, num_pages * page_size, kv_heads, head_dim)
+        # One more page that no sequence owns: padding rows of a CUDA graph's batch write and read there.
+        self.scratch_page = num_pages
+        shape = (num_layers, (num_pages + 1) * page_size, kv_heads, head_dim)
         # Stored flat over (page, offset) so a token's slot is page * page_size + offset.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from node.attention import ATTENTION_NAME, PackedBatch, PagedCache, activate, deactivate
+from node.attention import ATTENTION_NAME, DecodeBatch, PackedBatch, PagedCache, activate, deactivate
+from node.cuda_graphs import DecodeGraphs
 from node.kv_cache import PagePool, SequenceCache
 from swarm.checkpoint import (
     CheckpointError,
@@ -65,7 +66,13 @@ class Span:
         self._cache_arg = "past_key_values" if "past_key_values" in params else "layer_past"
         self._wants_rotary = "position_embeddings" in params
         self._no_alibi = {"alibi": None} if "alibi" in params else {}  # ALiBi configs were refused above
-        self.kv_heads, self.head_dim = self._probe()
+        self.kv_heads, self.head_dim, bypass = self._probe()
+        # Decode tokens attend in place through the paged kernel (Triton, CUDA) unless the family computes
+        # attention itself or needs math the kernel lacks (softcap: gemma2; sinks: gpt-oss).
+        family_math = getattr(self.config, "attn_logit_softcapping", None) or any(
+            getattr(module, "sinks", None) is not None for layer in self.layers for module in layer.modules())
+        self.decodes_in_place = self.device.type == "cuda" and not bypass and not family_math
+        self.graphs: DecodeGraphs | None = None
 
     def _refuse_unsupported(self) -> None:
         config = self.config
@@ -87,8 +94,9 @@ class Span:
     def layer_count(self) -> int:
         return self.end - self.start
 
-    def _probe(self) -> tuple[int, int]:
-        """Run one token through the span to learn K/V shapes and check every layer uses our cache and mask."""
+    def _probe(self) -> tuple[int, int, list[int]]:
+        """Run one token through the span to learn K/V shapes and check every layer uses our cache and mask;
+        returns the K/V heads, the head size and the blocks that bypass the attention interface."""
         shapes: list[tuple[int, int]] = []
 
         class ShapeProbe(PagedCache):
@@ -99,7 +107,7 @@ class Span:
 
         batch = PackedBatch.build([SequenceCache(pages=[0])], [1], 1, self.layer_count, self.dtype, self.device)
         hidden = torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        self._run(hidden, batch, ShapeProbe(None, batch, self.start), self.start, self.end)
+        self.run_blocks(hidden, ShapeProbe(None, batch, self.start), self.start, self.end)
         for i, (updates, calls) in enumerate(zip(batch.cache_updates, batch.attention_calls)):
             block = self.start + i
             if updates != 1:
@@ -114,9 +122,16 @@ class Span:
         bypass = [self.start + i for i, calls in enumerate(batch.attention_calls) if calls == 0]
         if bypass:
             logger.info("blocks %s compute attention in their own code over the paged cache and the full causal mask", bypass)
-        return shapes[0]
+        return *shapes[0], bypass
 
-    def _run(self, hidden: torch.Tensor, batch: PackedBatch, cache: PagedCache, start: int, end: int) -> torch.Tensor:
+    def capture_graphs(self, pool: PagePool, max_batch_size: int, max_length: int) -> None:
+        """Replay decode steps through the whole span from CUDA graphs (node/cuda_graphs.py)."""
+        if self.decodes_in_place:
+            self.graphs = DecodeGraphs(self, pool, max_batch_size, max_length)
+
+    def run_blocks(self, hidden: torch.Tensor, cache: PagedCache, start: int, end: int) -> torch.Tensor:
+        """hidden [T, hidden_size] through blocks [start, end) over cache.batch; no bookkeeping."""
+        batch = cache.batch
         h = hidden.to(self.device, self.dtype)[None]
         position_ids = batch.positions[None]
         rotary = {}
@@ -126,10 +141,11 @@ class Span:
                     rotary[kind] = self.rotary(h, position_ids, kind)
             else:
                 rotary[None] = self.rotary(h, position_ids)
-        token = activate(batch, self.start)
+        mask = None if isinstance(batch, DecodeBatch) else batch.mask()
+        token = activate(cache)
         try:
             for block in range(start, end):
-                kwargs = {self._cache_arg: cache, "attention_mask": batch.mask(), "position_ids": position_ids,
+                kwargs = {self._cache_arg: cache, "attention_mask": mask, "position_ids": position_ids,
                           "use_cache": True, **self._no_alibi}
                 if rotary:
                     kwargs["position_embeddings"] = rotary[self.layer_type(block) if self._rotary_by_layer_type else None]
@@ -148,8 +164,16 @@ class Span:
         The sequences must already have pages for their new lengths (PagePool.reserve).
         """
         start, end = start if start is not None else self.start, end if end is not None else self.end
-        batch = PackedBatch.build(seqs, new_lengths, pool.page_size, self.layer_count, self.dtype, self.device)
-        out = self._run(hidden, batch, PagedCache(pool, batch, self.start), start, end)
+        if self.decodes_in_place and all(n == 1 for n in new_lengths):
+            whole_span = (start, end) == (self.start, self.end)
+            if self.graphs is not None and self.graphs.pool is pool and whole_span and len(seqs) <= self.graphs.max_batch_size:
+                out = self.graphs.run(hidden, seqs)
+            else:
+                batch = DecodeBatch.build(seqs, pool.page_size, self.layer_count, self.device)
+                out = self.run_blocks(hidden, PagedCache(pool, batch, self.start), start, end)
+        else:
+            batch = PackedBatch.build(seqs, new_lengths, pool.page_size, self.layer_count, self.dtype, self.device)
+            out = self.run_blocks(hidden, PagedCache(pool, batch, self.start), start, end)
         for seq, n in zip(seqs, new_lengths):
             seq.length += n
         return out

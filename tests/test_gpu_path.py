@@ -1,0 +1,93 @@
+"""The GPU decode path: decode tokens attend in place through the paged kernel and replay CUDA graphs.
+
+Needs CUDA. Without a GPU, TRITON_INTERPRET=1 runs the in-place decode path (not the graphs) on CPU in
+Triton's interpreter, for families whose spans use it.
+"""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import reference_hidden_states
+from make_tiny_model import FAMILIES
+from node.kv_cache import PagePool, SequenceCache
+from node.span import Span
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA and not INTERPRETED, reason="needs CUDA")]
+DEVICE = "cuda" if CUDA else "cpu"
+IN_PLACE_FAMILIES = sorted(set(FAMILIES) - {"gemma2", "gpt_oss", "falcon", "gpt2", "gpt_neox"})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decode_steps_match_the_full_model(family, tiny_model):
+    """Three sequences prefill, then decode together (a batch of 3 runs in the graph of 4, one padding row)
+    across page boundaries; every output equals the float32 model's within rounding."""
+    path = tiny_model(family)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    spans = [Span(path, 0, 2, DEVICE), Span(path, 2, 4, DEVICE)]
+    pools = [PagePool(s.layer_count, 32, 4, s.kv_heads, s.head_dim, torch.float32, DEVICE) for s in spans]
+    for span, pool in zip(spans, pools):
+        assert span.decodes_in_place == (CUDA and family in IN_PLACE_FAMILIES)
+        if CUDA:
+            span.capture_graphs(pool, max_batch_size=8, max_length=64)
+        elif family in IN_PLACE_FAMILIES:
+            span.decodes_in_place = True  # the interpreter runs the kernel on CPU tensors
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 500, (n,), generator=generator) for n in (22, 8, 9)]
+    expected = [reference_hidden_states(reference, ids) for ids in prompts]
+    caches = [[SequenceCache() for _ in prompts] for _ in spans]
+    prefill = [n - 6 for n in (22, 8, 9)]
+    steps = [prefill] + [[1, 1, 1]] * 6
+    done = [0, 0, 0]
+    worst = 0.0
+    for lengths in steps:
+        hidden = torch.cat([expected[i][0][done[i]:done[i] + n] for i, n in enumerate(lengths)]).to(DEVICE)
+        for span, pool, seqs in zip(spans, pools, caches):
+            for seq, n in zip(seqs, lengths):
+                pool.reserve(seq, seq.length + n)
+            hidden = span.forward(pool, hidden, seqs, lengths)
+        offset = 0
+        for i, n in enumerate(lengths):
+            got = hidden[offset:offset + n].cpu()
+            worst = max(worst, (got - expected[i][1][done[i]:done[i] + n]).abs().max().item())
+            offset += n
+            done[i] += n
+    assert worst < 1e-4
+    if CUDA and family in IN_PLACE_FAMILIES:
+        assert all(span.graphs is not None for span in spans)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_bfloat16_swarm_matches_local_transformers(family, tiny_model, local_swarm):
+    """GPU nodes and client in bfloat16 against the local bfloat16 model on the same GPU: several sessions
+    decode together through the graphs; each chosen token is the local model's choice up to bf16 rounding."""
+    from transformers import AutoTokenizer
+
+    from client import DistributedModelForCausalLM
+
+    path = tiny_model(family)
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--device", "cuda", "--dtype", "bfloat16",
+                            "--model-name", f"gpu-{family}")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm=f"gpu-{family}", dtype=torch.bfloat16,
+                                                     device="cuda") as model:
+        batch = tokenizer(["A swarm", "The quick brown fox jumps over the lazy dog", "Each node keeps"],
+                          return_tensors="pt", padding=True).to("cuda")
+        out = model.generate(**batch, max_new_tokens=24, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        swarm_logits = torch.stack(out.logits, dim=1).float()  # [B, new tokens, vocab]
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, batch["input_ids"].shape[1]:])], 1)
+        with torch.no_grad():
+            local_logits = local(out.sequences, attention_mask=mask).logits[:, batch["input_ids"].shape[1] - 1:-1].float()
+        scale = local_logits.abs().max().item()
+        assert (swarm_logits - local_logits).abs().max().item() <= 0.05 * scale
+        chosen = out.sequences[:, batch["input_ids"].shape[1]:]
+        shortfall = local_logits.max(-1).values - local_logits.gather(-1, chosen[..., None])[..., 0]
+        assert shortfall.max().item() <= 0.02 * scale, "a chosen token is not the local model's choice"
