@@ -127,8 +127,17 @@ class HeadBatcher:
             future.set_result((token, row[None]))
 
 
-async def aggregate_tokens_per_s(model, sessions: int, context: int, new_tokens: int) -> float:
-    """Decode tokens/s of concurrent sessions, each greedy after its own random prompt."""
+async def node_counters(model) -> dict[str, float]:
+    """Forward passes, tokens and forward seconds summed over the nodes; and how many nodes."""
+    records = await model.connection.records(model.swarm_model_name)
+    stats = [await model.connection.node_stats(r.peer_id) for r in records]
+    return {"nodes": len(stats), **{key: sum(s.get(key, 0) for s in stats)
+                                    for key in ("forwards", "batched_tokens", "forward_s")}}
+
+
+async def aggregate_tokens_per_s(model, sessions: int, context: int, new_tokens: int) -> tuple[float, dict]:
+    """Decode tokens/s of concurrent sessions, each greedy after its own random prompt; and the nodes' mean
+    decode batch and the share of the time a node spent in forward passes."""
     from client.session import InferenceSession
 
     batcher = HeadBatcher(model)
@@ -152,10 +161,16 @@ async def aggregate_tokens_per_s(model, sessions: int, context: int, new_tokens:
     readies = [asyncio.Event() for _ in range(sessions)]
     tasks = [asyncio.create_task(one_session(ready)) for ready in readies]
     await asyncio.gather(*(ready.wait() for ready in readies))
+    before = await node_counters(model)
     began = time.perf_counter()
     started.set()
     await asyncio.gather(*tasks)
-    return sessions * new_tokens / (max(done) - began)
+    elapsed = max(done) - began
+    after = await node_counters(model)
+    forwards = after["forwards"] - before["forwards"]
+    return sessions * new_tokens / elapsed, {
+        "mean_batch": round((after["batched_tokens"] - before["batched_tokens"]) / forwards, 1),
+        "node_busy": round((after["forward_s"] - before["forward_s"]) / after["nodes"] / elapsed, 2)}
 
 
 def main() -> None:
@@ -187,7 +202,7 @@ def main() -> None:
         del local
         torch.cuda.empty_cache()
 
-        swarm_ms, same_tokens, aggregate = {}, {}, {}
+        swarm_ms, same_tokens, aggregate, batching = {}, {}, {}, {}
         with LocalSwarm(workdir / "logs") as swarm:
             swarm.start_bootstrap()
             swarm.start_nodes(model_path, split_blocks(args.layers, args.nodes), "--device", "cuda", "--dtype",
@@ -200,7 +215,7 @@ def main() -> None:
                     same_tokens[context] = next((i for i, (a, b) in enumerate(zip(tokens, local_tokens[context]))
                                                  if a != b), len(tokens))
                 for sessions in args.sessions:
-                    aggregate[sessions] = run_coroutine(aggregate_tokens_per_s(
+                    aggregate[sessions], batching[sessions] = run_coroutine(aggregate_tokens_per_s(
                         model, sessions, args.session_context, args.session_tokens))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -216,6 +231,7 @@ def main() -> None:
         "same_greedy_tokens_as_local": same_tokens,
         "aggregate_tokens_s": {n: round(v, 1) for n, v in aggregate.items()},
         "aggregate_vs_single_session": {n: round(v / aggregate[args.sessions[0]], 2) for n, v in aggregate.items()},
+        "node_batching": batching,
         "roofline": {"weight_gb_per_step": round(weight_bytes / 1e9, 3), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
                      "floor_ms": round(floor_ms, 3), "swarm_fraction": round(floor_ms / swarm_ms[first], 3),
                      "local_fraction": round(floor_ms / local_ms[first], 3)},
