@@ -126,8 +126,14 @@ class Span:
 
     def capture_graphs(self, pool: PagePool, max_batch_size: int, max_length: int) -> None:
         """Replay decode steps through the whole span from CUDA graphs (node/cuda_graphs.py)."""
-        if self.decodes_in_place:
+        if not self.decodes_in_place:
+            return
+        try:
             self.graphs = DecodeGraphs(self, pool, max_batch_size, max_length)
+        except RuntimeError as e:  # the family's layers sync with the host (MoE routing) or copy from it
+            torch.cuda.synchronize(self.device)
+            logger.warning("decode steps of %s cannot be captured in a CUDA graph; they run eagerly: %s",
+                           self.config.model_type, str(e).splitlines()[0])
 
     def run_blocks(self, hidden: torch.Tensor, cache: PagedCache, start: int, end: int) -> torch.Tensor:
         """hidden [T, hidden_size] through blocks [start, end) over cache.batch; no bookkeeping."""
