@@ -21,7 +21,6 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Hashable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
@@ -107,15 +106,28 @@ class Chunk:
     length: int
 
 
+async def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Copy a CUDA tensor to pinned host memory, polling for the copy between turns of the event loop.
+
+    Waiting in a thread instead would hand the GIL back and forth with the busy loop at every step, and each
+    handoff can take the interpreter's 5 ms switch interval.
+    """
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(tensor.device))
+    while not copied.query():
+        await asyncio.sleep(0)
+    return host
+
+
 class Scheduler:
-    def __init__(self, span: Span, pool: PagePool, executor: Executor | None, *, max_batch_tokens: int = 512,
-                 max_batch_size: int = 64, overcommit: float = 2.0, swap_bytes: int = 0, queue_timeout: float = 60.0):
+    def __init__(self, span: Span, pool: PagePool, *, max_batch_tokens: int = 512, max_batch_size: int = 64,
+                 overcommit: float = 2.0, swap_bytes: int = 0, queue_timeout: float = 60.0):
         if max_batch_tokens <= max_batch_size:
             # decodes take at most max_batch_size tokens, so prefills always get part of every iteration
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_size ({max_batch_size})")
-        # With an executor, the event loop reads and answers frames while an accelerator computes; without one,
-        # forwards run on the loop, which a CPU node prefers: the forward needs the loop's cores anyway.
-        self.span, self.pool, self.executor = span, pool, executor
+        self.span, self.pool = span, pool
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.overcommit, self.swap_bytes, self.queue_timeout = overcommit, swap_bytes, queue_timeout
         self.sessions: list[Session] = []
@@ -221,7 +233,6 @@ class Scheduler:
         return sum(seq.pending for s in self.sessions if s.peer == peer for seq in s.seqs)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -230,10 +241,7 @@ class Scheduler:
                 self._running = {c.session for c in chunks}
                 began = time.perf_counter()
                 try:
-                    if self.executor is None:
-                        out = self._forward(chunks, hidden)
-                    else:
-                        out = await loop.run_in_executor(self.executor, self._forward, chunks, hidden)
+                    out = await self._forward(chunks, hidden)
                 except Exception as e:  # a bug or a device error: these steps fail, the node goes on
                     logger.exception("forward failed for sessions %s", [s.id for s in self._running])
                     self._fail(chunks, e)
@@ -247,11 +255,15 @@ class Scheduler:
                     self._running = set()
                 await asyncio.sleep(0)  # let the steps just answered send their next ones into the next iteration
 
-    def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
+    async def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
+        """The forward runs on the event loop: a CPU node needs the loop's cores for it anyway, and a GPU node
+        only launches kernels (or replays a graph) here, then serves streams until the device is done."""
         session = chunks[0].session
         out = self.span.forward(self.pool, hidden, [c.seq.cache for c in chunks], [c.length for c in chunks],
                                 session.start, session.end)
-        return out.to("cpu", hidden.dtype)
+        if out.device.type == "cpu":
+            return out.to(hidden.dtype)
+        return await _to_host(out.to(hidden.dtype))
 
     # ----- one iteration -----
 

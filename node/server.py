@@ -21,7 +21,6 @@ import signal
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +139,6 @@ class Node:
         self.rtts: dict[str, float] = {}
         self.streams: dict[str, ClientStream] = {}  # by session id
         self._push_writers: dict[str, asyncio.StreamWriter] = {}
-        self._compute = None if self.device.type == "cpu" else ThreadPoolExecutor(1, thread_name_prefix="span")
         self._scheduler_task: asyncio.Task | None = None
         self._stop = asyncio.Event()  # exit now
         self._leaving = asyncio.Event()  # drain, then exit
@@ -295,7 +293,7 @@ class Node:
             self.throughput = Throughput(config.throughput, config.throughput)
         else:
             self.throughput = await asyncio.to_thread(probe, self.span, self.pool, config.model_name)
-        self.scheduler = Scheduler(self.span, self.pool, self._compute, max_batch_tokens=config.max_batch_tokens,
+        self.scheduler = Scheduler(self.span, self.pool, max_batch_tokens=config.max_batch_tokens,
                                    max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
                                    swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
         self._scheduler_task = asyncio.create_task(self.scheduler.run())
@@ -366,8 +364,6 @@ class Node:
             except Exception as e:
                 logger.warning("could not announce going offline: %s", e)
             self.dht.shutdown()
-        if self._compute is not None:
-            self._compute.shutdown(wait=False, cancel_futures=True)
 
     # ----- serving sessions -----
 

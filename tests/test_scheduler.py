@@ -2,7 +2,6 @@
 
 import asyncio
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -23,12 +22,11 @@ def model(tiny_model):
     return Span(path, 0, 4), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_scheduler(span, num_pages, executor=True, **options) -> Scheduler:
-    """executor=False runs forwards on the event loop, as CPU nodes do."""
+def make_scheduler(span, num_pages, **options) -> Scheduler:
     pool = PagePool(span.layer_count, num_pages, PAGE, span.kv_heads, span.head_dim, torch.float32, span.device)
     options.setdefault("max_batch_size", 8)
     options.setdefault("max_batch_tokens", 64)
-    return Scheduler(span, pool, ThreadPoolExecutor(1) if executor else None, **options)
+    return Scheduler(span, pool, **options)
 
 
 def new_session(max_length: int, priority: int = 0) -> Session:
@@ -81,11 +79,10 @@ def assert_matches(outputs, expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("executor", [True, False])
-def test_concurrent_sessions_share_forwards_and_match_the_model(model, executor):
+def test_concurrent_sessions_share_forwards_and_match_the_model(model):
     span, reference = model
     ids, expected = prompts(reference, [10, 13, 17, 26, 40, 33])
-    scheduler = make_scheduler(span, num_pages=128, executor=executor, max_batch_tokens=48)
+    scheduler = make_scheduler(span, num_pages=128, max_batch_tokens=48)
     prefill = [len(x) - 8 for x in ids]  # then 8 decode steps each
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, p)
                                for x, (inp, _), p in zip(ids, expected, prefill)))
@@ -95,12 +92,12 @@ def test_concurrent_sessions_share_forwards_and_match_the_model(model, executor)
     assert scheduler.pool.free_pages == 128 and not scheduler.sessions
 
 
-@pytest.mark.parametrize("swap, executor", [(False, True), (True, True), (False, False), (True, False)])
-def test_preempted_sessions_resume_with_unchanged_outputs(model, swap, executor):
+@pytest.mark.parametrize("swap", [False, True])
+def test_preempted_sessions_resume_with_unchanged_outputs(model, swap):
     span, reference = model
     ids, expected = prompts(reference, [18, 20, 22, 19, 21, 23], seed=1)
     # 6 sessions of ~6 pages each over a pool of 14 pages: admitted by overcommit, preempted to make room
-    scheduler = make_scheduler(span, num_pages=14, executor=executor, overcommit=3.0, swap_bytes=2**30 if swap else 0)
+    scheduler = make_scheduler(span, num_pages=14, overcommit=3.0, swap_bytes=2**30 if swap else 0)
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, 8)
                                for x, (inp, _) in zip(ids, expected)))
     assert_matches(outputs, expected)
@@ -185,7 +182,8 @@ def test_a_long_prefill_does_not_stall_decodes(model):
     decoded_during_prefill = []
 
     async def long_prompt():
-        await asyncio.sleep(0.05)  # the decoding session is under way
+        while decode.seqs[0].received < 5:  # the decoding session is under way
+            await asyncio.sleep(0.001)
         await scheduler.admit(prefill)
         before = decode.seqs[0].received
         out = await scheduler.submit(prefill, expected[1][0], [200], page_keys(ids[1], 0, 200))

@@ -196,9 +196,14 @@ def main() -> None:
         local = make_model(model_path, args.layers)
         weight_bytes = weight_bytes_per_step(local)
         bandwidth = copy_bandwidth()
-        local_ms, local_tokens = {}, {}
+        local_ms, local_tokens, local_no_cudnn_ms = {}, {}, {}
         for context in args.contexts:
             local_ms[context], local_tokens[context] = decode_latency_ms(local, context, args.new_tokens)
+        # transformers' default SDPA may pick cuDNN attention, which builds a plan for every new key length
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        for context in args.contexts:
+            local_no_cudnn_ms[context], _ = decode_latency_ms(local, context, args.new_tokens)
+        torch.backends.cuda.enable_cudnn_sdp(True)
         del local
         torch.cuda.empty_cache()
 
@@ -226,7 +231,8 @@ def main() -> None:
         "bench": "gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
         "nodes": args.nodes, "dtype": "bfloat16", "new_tokens": args.new_tokens,
         "per_token_ms": {"swarm": {c: round(v, 3) for c, v in swarm_ms.items()},
-                         "local_generate": {c: round(v, 3) for c, v in local_ms.items()}},
+                         "local_generate": {c: round(v, 3) for c, v in local_ms.items()},
+                         "local_generate_without_cudnn_sdpa": {c: round(v, 3) for c, v in local_no_cudnn_ms.items()}},
         "swarm_vs_local": {c: round(swarm_ms[c] / local_ms[c], 3) for c in args.contexts},
         "same_greedy_tokens_as_local": same_tokens,
         "aggregate_tokens_s": {n: round(v, 1) for n, v in aggregate.items()},
