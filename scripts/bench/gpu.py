@@ -103,28 +103,33 @@ def decode_latency_ms(model, context: int, new_tokens: int) -> tuple[float, list
 
 class HeadBatcher:
     """Final norm, lm head and embedding of the next token for every session that reaches them in the same
-    event-loop turn, in one batch."""
+    event-loop turn, in one batch; the loop serves the sessions' streams while the GPU computes."""
 
     def __init__(self, model):
         self.norm, self.head, self.embed = model.base_model.norm, model.get_output_embeddings(), model.get_input_embeddings()
         self.pending: list[tuple[torch.Tensor, asyncio.Future]] = []
 
     def next_input(self, hidden: torch.Tensor) -> asyncio.Future:
-        """hidden [1, 1, H] after the last block -> future of (next token, its embedding [1, 1, H])."""
+        """hidden [1, 1, H] after the last block -> future of the next token's embedding [1, 1, H] (on the host)."""
         future = asyncio.get_running_loop().create_future()
         if not self.pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
         self.pending.append((hidden, future))
         return future
 
-    @torch.inference_mode()
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         pending, self.pending = self.pending, []
-        hidden = torch.cat([h[:, -1] for h, _ in pending]).to("cuda")
-        tokens = self.head(self.norm(hidden)).argmax(-1)
-        embedded = self.embed(tokens)[:, None]
-        for (_, future), token, row in zip(pending, tokens.tolist(), embedded):
-            future.set_result((token, row[None]))
+        with torch.inference_mode():
+            hidden = torch.cat([h[:, -1] for h, _ in pending]).to("cuda", non_blocking=True)
+            embedded = self.embed(self.head(self.norm(hidden)).argmax(-1))
+            host = torch.empty(embedded.shape, dtype=embedded.dtype, pin_memory=True)
+            host.copy_(embedded, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            await asyncio.sleep(0)
+        for (_, future), row in zip(pending, host):
+            future.set_result(row[None, None])
 
 
 async def node_counters(model) -> dict[str, float]:
@@ -149,13 +154,13 @@ async def aggregate_tokens_per_s(model, sessions: int, context: int, new_tokens:
         async with InferenceSession(model.connection, model.swarm_model_name, model.num_blocks,
                                     context + new_tokens + 1) as session:
             with torch.inference_mode():
-                out = await session.astep(model.get_input_embeddings()(prompt.to("cuda"))[None])
-                _, hidden = await batcher.next_input(out)
+                out = await session.astep(model.get_input_embeddings()(prompt.to("cuda"))[None].cpu())
+                hidden = await batcher.next_input(out)
                 ready.set()
                 await started.wait()
                 for _ in range(new_tokens):
                     out = await session.astep(hidden)
-                    _, hidden = await batcher.next_input(out)
+                    hidden = await batcher.next_input(out)
             done.append(time.perf_counter())
 
     readies = [asyncio.Event() for _ in range(sessions)]
