@@ -31,8 +31,6 @@ from node.span import Span
 logger = logging.getLogger(__name__)
 
 PRIORITIES = ("interactive", "batch")  # a session's priority class, most urgent first
-GATHER_FRACTION = 0.5  # of a decode forward's time, spent waiting for decoding sessions' next steps
-RHYTHM_S = 0.05  # a session answered this recently is expected to step again
 
 
 class AdmissionError(RuntimeError):
@@ -86,7 +84,6 @@ class Session:
     seqs: list[Sequence]
     order: int = -1  # admission order; with priority it says who is junior
     step: Step | None = None
-    answered_at: float = float("-inf")  # monotonic time its last step was answered
     closed: bool = False
 
     @property
@@ -141,7 +138,6 @@ class Scheduler:
         self._orders = itertools.count()
         self._running: set[Session] = set()
         self._wake = asyncio.Event()
-        self._decode_s = 0.0  # how long the last decode-only forward took
 
     # ----- admission -----
 
@@ -240,7 +236,6 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._gather_steps()
             while chunks := self._schedule():
                 hidden = torch.cat([c.seq.inputs(c.position, c.position + c.length) for c in chunks])
                 self._running = {c.session for c in chunks}
@@ -253,30 +248,12 @@ class Scheduler:
                 else:
                     self._complete(chunks, out)
                 finally:
-                    elapsed = time.perf_counter() - began
-                    self.counters["forward_s"] += elapsed
-                    if all(c.length == 1 for c in chunks):
-                        self._decode_s = elapsed
+                    self.counters["forward_s"] += time.perf_counter() - began
                     for session in self._running:
                         if session.closed:
                             self._release(session)
                     self._running = set()
                 await asyncio.sleep(0)  # let the steps just answered send their next ones into the next iteration
-                await self._gather_steps()
-
-    async def _gather_steps(self) -> None:
-        """Wait up to half a decode forward while sessions that are decoding in rhythm have not sent their next
-        step yet. The steps of sessions that left the previous node's forward together arrive one by one as it
-        pushes them; waiting a moment lets one forward read the weights for all of them instead of once per
-        small group. A lone session never waits."""
-        deadline = time.monotonic() + GATHER_FRACTION * self._decode_s
-        while time.monotonic() < deadline:
-            now = time.monotonic()
-            ready = sum(s.step is not None and not s.step.future.done() for s in self.sessions)
-            expected = sum(s.step is not None or now - s.answered_at < RHYTHM_S for s in self.sessions)
-            if ready >= expected:
-                return
-            await asyncio.sleep(0)
 
     async def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
         """The forward runs on the event loop: a CPU node needs the loop's cores for it anyway, and a GPU node
@@ -450,7 +427,6 @@ class Scheduler:
         step = session.step
         if step is not None and all(seq.pending == 0 for seq in session.seqs):
             session.step = None
-            session.answered_at = time.monotonic()
             if not step.future.done():
                 step.future.set_result(step.output)
 

@@ -9,10 +9,11 @@ temporary folder), so the nodes load the same weights. In one run:
     `generate` (client embeddings and head on the same GPU; nodes with paged KV cache and CUDA graphs) each
     decode --new-tokens tokens after prompts of each --contexts length; per-token latency is the median
     time between consecutive decode steps (a logits processor stamps them after a device sync);
-  - aggregate decode tokens/s of N concurrent sessions (--sessions): each session is a coroutine that
-    decodes greedily, one token per step. In a deployment every user computes embeddings and the head on
-    their own machine; here all users share this process and GPU, so their head steps are batched (the
-    sessions stay separate at the nodes, which batch their steps);
+  - aggregate decode tokens/s of N concurrent sessions (--sessions), spread over --client-processes
+    client processes: each session is a coroutine that decodes greedily, one token per step. In a
+    deployment every user computes embeddings and the head on their own machine; here the users of one
+    process share its client and GPU, so their head steps are batched (the sessions stay separate at the
+    nodes, which batch their steps);
   - the roofline: bytes of weights a decode step reads (all blocks, final norm and lm head) divided by the
     GPU's measured copy bandwidth, and the fraction of it that batch-1 decoding reaches.
 Prints one JSON line.
@@ -140,38 +141,74 @@ async def node_counters(model) -> dict[str, float]:
                                     for key in ("forwards", "batched_tokens", "forward_s")}}
 
 
-async def aggregate_tokens_per_s(model, sessions: int, context: int, new_tokens: int) -> tuple[float, dict]:
-    """Decode tokens/s of concurrent sessions, each greedy after its own random prompt; and the nodes' mean
-    decode batch and the share of the time a node spent in forward passes."""
+async def decode_sessions(model, sessions: int, context: int, new_tokens: int, seed: int, ready, go) -> tuple[float, float]:
+    """Open and prefill sessions (random prompts), wait at the barriers, then decode new_tokens greedy tokens
+    in each; returns when decoding began and ended (time.monotonic, comparable between processes)."""
     from client.session import InferenceSession
 
     batcher = HeadBatcher(model)
-    generator = torch.Generator().manual_seed(sessions)
-    started, done = asyncio.Event(), []
+    generator = torch.Generator().manual_seed(seed)
+    prefilled, started, done = [asyncio.Event() for _ in range(sessions)], asyncio.Event(), []
 
-    async def one_session(ready: asyncio.Event) -> None:
+    async def one_session(prefilled: asyncio.Event) -> None:
         prompt = torch.randint(3, 1000, (context,), generator=generator)
         async with InferenceSession(model.connection, model.swarm_model_name, model.num_blocks,
                                     context + new_tokens + 1) as session:
             with torch.inference_mode():
                 out = await session.astep(model.get_input_embeddings()(prompt.to("cuda"))[None].cpu())
                 hidden = await batcher.next_input(out)
-                ready.set()
+                prefilled.set()
                 await started.wait()
                 for _ in range(new_tokens):
                     out = await session.astep(hidden)
                     hidden = await batcher.next_input(out)
-            done.append(time.perf_counter())
+            done.append(time.monotonic())
 
-    readies = [asyncio.Event() for _ in range(sessions)]
-    tasks = [asyncio.create_task(one_session(ready)) for ready in readies]
-    await asyncio.gather(*(ready.wait() for ready in readies))
-    before = await node_counters(model)
-    began = time.perf_counter()
+    tasks = [asyncio.create_task(one_session(event)) for event in prefilled]
+    await asyncio.gather(*(event.wait() for event in prefilled))
+    await asyncio.to_thread(ready.wait)
+    await asyncio.to_thread(go.wait)
+    began = time.monotonic()
     started.set()
     await asyncio.gather(*tasks)
-    elapsed = max(done) - began
-    after = await node_counters(model)
+    return began, max(done)
+
+
+def client_process(model_path: Path, initial_peers: list[str], sessions: int, context: int, new_tokens: int,
+                   seed: int, ready, go, results) -> None:
+    """One process of users: its own client (DHT peer, embeddings and head on the GPU) and sessions."""
+    from client import DistributedModelForCausalLM
+    from client.remote import run_coroutine
+
+    with DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers, dtype=torch.bfloat16,
+                                                     device="cuda") as model:
+        results.put(run_coroutine(decode_sessions(model, sessions, context, new_tokens, seed, ready, go)))
+
+
+def aggregate_tokens_per_s(model, model_path: Path, initial_peers: list[str], sessions: int, processes: int,
+                           context: int, new_tokens: int) -> tuple[float, dict]:
+    """Decode tokens/s of concurrent sessions spread over client processes; and the nodes' mean decode batch
+    and the share of the time a node spent in forward passes."""
+    import multiprocessing
+
+    from client.remote import run_coroutine
+
+    spawn = multiprocessing.get_context("spawn")  # CUDA does not survive fork
+    processes = min(processes, sessions)
+    ready, go, results = spawn.Barrier(processes + 1), spawn.Barrier(processes + 1), spawn.Queue()
+    workers = [spawn.Process(target=client_process, args=(model_path, initial_peers, share, context, new_tokens,
+                                                          seed, ready, go, results))
+               for seed, share in enumerate(sessions // processes + (i < sessions % processes) for i in range(processes))]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=600)
+    before = run_coroutine(node_counters(model))
+    go.wait(timeout=60)
+    spans = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    after = run_coroutine(node_counters(model))
+    elapsed = max(end for _, end in spans) - min(began for began, _ in spans)
     forwards = after["forwards"] - before["forwards"]
     return sessions * new_tokens / elapsed, {
         "mean_batch": round((after["batched_tokens"] - before["batched_tokens"]) / forwards, 1),
@@ -187,11 +224,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--session-tokens", type=int, default=64, help="tokens each concurrent session decodes")
     parser.add_argument("--session-context", type=int, default=128)
+    parser.add_argument("--client-processes", type=int, default=4, help="processes the concurrent sessions are "
+                        "spread over (one client process of many users is bound by its own event loop)")
     parser.add_argument("--kv-cache-gb", type=float, default=4.0, help="per node")
     args = parser.parse_args()
 
     from client import DistributedModelForCausalLM
-    from client.remote import run_coroutine
     from local_swarm import split_blocks
 
     shm = Path("/dev/shm")
@@ -225,8 +263,9 @@ def main() -> None:
                     same_tokens[context] = next((i for i, (a, b) in enumerate(zip(tokens, local_tokens[context]))
                                                  if a != b), len(tokens))
                 for sessions in args.sessions:
-                    aggregate[sessions], batching[sessions] = run_coroutine(aggregate_tokens_per_s(
-                        model, sessions, args.session_context, args.session_tokens))
+                    aggregate[sessions], batching[sessions] = aggregate_tokens_per_s(
+                        model, model_path, swarm.initial_peers, sessions, args.client_processes, args.session_context,
+                        args.session_tokens)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -234,7 +273,7 @@ def main() -> None:
     first = args.contexts[0]
     print(json.dumps({
         "bench": "gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-        "nodes": args.nodes, "dtype": "bfloat16", "new_tokens": args.new_tokens,
+        "nodes": args.nodes, "client_processes": args.client_processes, "dtype": "bfloat16", "new_tokens": args.new_tokens,
         "per_token_ms": {"swarm": {c: round(v, 3) for c, v in swarm_ms.items()},
                          "local_generate": {c: round(v, 3) for c, v in local_ms.items()},
                          "local_generate_without_cudnn_sdpa": {c: round(v, 3) for c, v in local_no_cudnn_ms.items()}},
