@@ -100,8 +100,7 @@ def error_frame(code: str, message: str) -> bytes:
 
 
 async def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
-    writer.write(_LENGTH.pack(len(frame)))
-    writer.write(frame)
+    writer.write(_LENGTH.pack(len(frame)) + frame)  # one write: one send through the socket to p2pd, not two
     await writer.drain()
 
 

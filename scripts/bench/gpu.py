@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--session-tokens", type=int, default=64, help="tokens each concurrent session decodes")
     parser.add_argument("--session-context", type=int, default=128)
-    parser.add_argument("--client-processes", type=int, default=4, help="processes the concurrent sessions are "
+    parser.add_argument("--client-processes", type=int, default=1, help="processes the concurrent sessions are "
                         "spread over (one client process of many users is bound by its own event loop)")
     parser.add_argument("--kv-cache-gb", type=float, default=4.0, help="per node")
     args = parser.parse_args()
