@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from node.attention import DecodeBatch, PagedCache
 from node.kv_cache import PagePool, SequenceCache
 
+if TYPE_CHECKING:
+    from node.span import Span
+
 logger = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
-    def __init__(self, span, pool: PagePool, max_batch_size: int, max_length: int):
+    def __init__(self, span: Span, pool: PagePool, max_batch_size: int, max_length: int):
         self.span, self.pool = span, pool
         self.buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.max_batch_size = max_batch_size
