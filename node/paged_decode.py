@@ -100,6 +100,7 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     batch, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
+    head_pad = max(16, triton.next_power_of_2(head_dim))  # tl.arange needs a power of two; tl.dot at least 16
     num_partitions = triton.cdiv(block_tables.shape[1] * page_size, PARTITION)
     partial = torch.empty(batch, heads, num_partitions, head_dim, dtype=torch.float32, device=query.device)
     maxes = torch.empty(batch, heads, num_partitions, dtype=torch.float32, device=query.device)
@@ -111,12 +112,11 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page_size,
+        HEAD_PAD=head_pad, PAGE=page_size,
         PARTITION=PARTITION, BLOCK_N=BLOCK_N, NUM_PARTITIONS=num_partitions,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
     _merge_kernel[(batch, heads)](
         partial, maxes, sums, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
-        out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
-        NUM_PARTITIONS=num_partitions,
+        out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, NUM_PARTITIONS=num_partitions,
         PARTS_PAD=triton.next_power_of_2(num_partitions))
     return out

@@ -106,7 +106,7 @@ class Chunk:
     length: int
 
 
-async def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+async def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """Copy a CUDA tensor to pinned host memory, polling for the copy between turns of the event loop.
 
     Waiting in a thread instead would hand the GIL back and forth with the busy loop at every step, and each
@@ -260,10 +260,8 @@ class Scheduler:
         only launches kernels (or replays a graph) here, then serves streams until the device is done."""
         session = chunks[0].session
         out = self.span.forward(self.pool, hidden, [c.seq.cache for c in chunks], [c.length for c in chunks],
-                                session.start, session.end)
-        if out.device.type == "cpu":
-            return out.to(hidden.dtype)
-        return await _to_host(out.to(hidden.dtype))
+                                session.start, session.end).to(hidden.dtype)
+        return out if out.device.type == "cpu" else await to_host(out)
 
     # ----- one iteration -----
 

@@ -174,15 +174,14 @@ class Span:
         The sequences must already have pages for their new lengths (PagePool.reserve).
         """
         start, end = start if start is not None else self.start, end if end is not None else self.end
-        if self.decodes_in_place and all(n == 1 for n in new_lengths):
-            whole_span = (start, end) == (self.start, self.end)
-            if self.graphs is not None and self.graphs.pool is pool and whole_span and len(seqs) <= self.graphs.max_batch_size:
-                out = self.graphs.run(hidden, seqs)
-            else:
-                batch = DecodeBatch.build(seqs, pool.page_size, self.layer_count, self.device)
-                out = self.run_blocks(hidden, PagedCache(pool, batch, self.start), start, end)
+        decode = self.decodes_in_place and all(n == 1 for n in new_lengths)
+        graphs = self.graphs
+        if (decode and graphs is not None and graphs.pool is pool and (start, end) == (self.start, self.end)
+                and len(seqs) <= graphs.max_batch_size):
+            out = graphs.run(hidden, seqs)
         else:
-            batch = PackedBatch.build(seqs, new_lengths, pool.page_size, self.layer_count, self.dtype, self.device)
+            batch = (DecodeBatch.build(seqs, pool.page_size, self.layer_count, self.device) if decode else
+                     PackedBatch.build(seqs, new_lengths, pool.page_size, self.layer_count, self.dtype, self.device))
             out = self.run_blocks(hidden, PagedCache(pool, batch, self.start), start, end)
         for seq, n in zip(seqs, new_lengths):
             seq.length += n

@@ -119,17 +119,13 @@ class HeadBatcher:
         return future
 
     async def _flush(self) -> None:
+        from node.scheduler import to_host
+
         pending, self.pending = self.pending, []
         with torch.inference_mode():
             hidden = torch.cat([h[:, -1] for h, _ in pending]).to("cuda", non_blocking=True)
             embedded = self.embed(self.head(self.norm(hidden)).argmax(-1))
-            host = torch.empty(embedded.shape, dtype=embedded.dtype, pin_memory=True)
-            host.copy_(embedded, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        while not done.query():
-            await asyncio.sleep(0)
-        for (_, future), row in zip(pending, host):
+        for (_, future), row in zip(pending, await to_host(embedded)):
             future.set_result(row[None, None])
 
 
