@@ -20,7 +20,7 @@ from hivemind.p2p import P2P
 
 from swarm import rpc
 from swarm.protocol import pack
-from swarm.records import NodeRecord, SignedRecordValidator, fetch_records
+from swarm.records import NodeRecord, SignedRecordValidator, fetch_models, fetch_records
 from swarm.routing import Probe
 from swarm.swarm_key import SwarmKey
 
@@ -72,6 +72,10 @@ class SwarmConnection:
 
     async def records(self, model_name: str) -> list[NodeRecord]:
         return await fetch_records(self.dht, model_name, self.swarm_key)
+
+    async def models(self) -> dict[str, int]:
+        """The models served in the swarm now: name -> number of blocks."""
+        return await fetch_models(self.dht, self.swarm_key)
 
     async def open_stream(self, peer_id: str, handler: str):
         return await rpc.open_stream(self.p2p, peer_id, handler, self.swarm_key)

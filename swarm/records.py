@@ -9,6 +9,7 @@ node's record, or replay an old one past its expiration.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import struct
@@ -47,6 +48,7 @@ class NodeRecord:
     free_pages: int
     page_size: int
     dtype: str  # dtype of hidden states on the wire
+    num_blocks: int = 0  # blocks of the whole model; 0 from nodes older than this field
     throughput: float = 0.0  # decode tokens/s through the whole span at batch 1 (throughput probe or --throughput)
     prefill_throughput: float = 0.0  # prefill tokens/s through the whole span
     sessions: int = 0  # sessions open now
@@ -73,7 +75,8 @@ class NodeRecord:
         record = dataclasses.replace(record, state=NodeState(record.state))
         if not (isinstance(record.start, int) and isinstance(record.end, int) and 0 <= record.start < record.end):
             raise ValueError(f"bad span {record.start}:{record.end}")
-        numbers = (record.throughput, record.prefill_throughput, record.sessions, record.queued, record.free_pages)
+        numbers = (record.throughput, record.prefill_throughput, record.sessions, record.queued, record.free_pages,
+                   record.num_blocks)
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in numbers):
             raise ValueError("throughputs, sessions, queued and free_pages must be non-negative numbers")
         if not (isinstance(record.rtts, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
@@ -91,39 +94,71 @@ def model_key(model_name: str, swarm_key: SwarmKey | None = None) -> str:
     return f"swarm-inference/{swarm_key.dht_name(model_name) if swarm_key else model_name}/nodes"
 
 
+def models_key(swarm_key: SwarmKey | None = None) -> str:
+    """Where every node also says which model it serves, so `swarm status` can list the swarm's models."""
+    return f"swarm-inference/{swarm_key.dht_name('models') if swarm_key else 'models'}"
+
+
 def _seal_context(key: str, peer_id: str) -> bytes:
     """What a sealed record is bound to: it opens only under the DHT key and subkey it was sealed for."""
     return f"{key}/{peer_id}".encode()
 
 
-async def announce(dht: DHT, model_name: str, record: NodeRecord, ttl: float, swarm_key: SwarmKey | None = None) -> bool:
-    key = model_key(model_name, swarm_key)
-    value = record.to_bytes()
+async def _store(dht: DHT, key: str, peer_id: str, value: bytes, ttl: float, swarm_key: SwarmKey | None) -> bool:
     if swarm_key is not None:
-        value = swarm_key.seal(value, _seal_context(key, record.peer_id))
-    return await dht.store(key, subkey=record.peer_id, value=value, expiration_time=get_dht_time() + ttl,
-                           return_future=True)
+        value = swarm_key.seal(value, _seal_context(key, peer_id))
+    return await dht.store(key, subkey=peer_id, value=value, expiration_time=get_dht_time() + ttl, return_future=True)
+
+
+async def _fetch(dht: DHT, key: str, swarm_key: SwarmKey | None) -> dict[str, bytes]:
+    """Every live value under key by the peer id that stored it; values that fail to open are skipped."""
+    found = await dht.get(key, latest=True, return_future=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    values = {}
+    for subkey, entry in found.value.items():
+        try:
+            values[subkey] = swarm_key.open(entry.value, _seal_context(key, subkey)) if swarm_key else entry.value
+        except Exception as e:  # a peer may publish anything; one bad record must not hide the others
+            logger.debug("skipping a record under %s/%s that does not open: %s", key, subkey, e)
+    return values
+
+
+async def announce(dht: DHT, model_name: str, record: NodeRecord, ttl: float, swarm_key: SwarmKey | None = None) -> bool:
+    """Store the node's record under its model, and the model's name and size in the swarm's list of models."""
+    served = msgpack.packb({"model": model_name, "num_blocks": record.num_blocks}, use_bin_type=True)
+    stored = await asyncio.gather(_store(dht, model_key(model_name, swarm_key), record.peer_id, record.to_bytes(), ttl,
+                                         swarm_key),
+                                  _store(dht, models_key(swarm_key), record.peer_id, served, ttl, swarm_key))
+    return all(stored)
 
 
 async def fetch_records(dht: DHT, model_name: str, swarm_key: SwarmKey | None = None) -> list[NodeRecord]:
     """Every live record of the model; records that fail to decode (or to open, in a private swarm) are skipped."""
-    key = model_key(model_name, swarm_key)
-    found = await dht.get(key, latest=True, return_future=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
     records = []
-    for subkey, entry in found.value.items():
+    for subkey, value in (await _fetch(dht, model_key(model_name, swarm_key), swarm_key)).items():
         try:
-            value = entry.value
-            if swarm_key is not None:
-                value = swarm_key.open(value, _seal_context(key, subkey))
             record = NodeRecord.from_bytes(value)
-        except Exception as e:  # a peer may publish anything; one bad record must not hide the others
+        except Exception as e:
             logger.debug("skipping an undecodable record under %s: %s", subkey, e)
             continue
         if record.peer_id == subkey:
             records.append(record)
     return records
+
+
+async def fetch_models(dht: DHT, swarm_key: SwarmKey | None = None) -> dict[str, int]:
+    """The models nodes serve now: name -> number of blocks (the largest any node announced)."""
+    models: dict[str, int] = {}
+    for value in (await _fetch(dht, models_key(swarm_key), swarm_key)).values():
+        try:
+            served = msgpack.unpackb(value, raw=False)
+            name, num_blocks = served["model"], served["num_blocks"]
+        except Exception:
+            continue
+        if isinstance(name, str) and isinstance(num_blocks, int) and not isinstance(num_blocks, bool):
+            models[name] = max(models.get(name, 0), num_blocks)
+    return models
 
 
 class SignedRecordValidator(RecordValidatorBase):

@@ -1,0 +1,48 @@
+"""`swarm status` against a live loopback swarm: models, nodes' spans, per-block coverage and its gaps."""
+
+import json
+import os
+import subprocess
+import uuid
+
+from local_swarm import SWARM
+
+
+def status(initial_peers: list[str], *args: str) -> str:
+    done = subprocess.run([*SWARM, "status", *args, "--initial-peers", *initial_peers], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_status_json_shows_spans_coverage_and_gaps_of_every_model(tiny_model, local_swarm):
+    # names of their own: records of other tests' nodes may still be in the shared bootstrap's DHT
+    llama, qwen = f"status-llama-{uuid.uuid4().hex[:8]}", f"status-qwen-{uuid.uuid4().hex[:8]}"
+    # 4 blocks: served 0:2 and 1:3, block 3 by nobody
+    nodes = local_swarm.start_nodes(tiny_model("llama"), [(0, 2), (1, 3)], "--throughput", "50", "--model-name", llama)
+    [qwen_node] = local_swarm.start_nodes(tiny_model("qwen3"), [(0, 4)], "--throughput", "20", "--model-name", qwen)
+
+    view = json.loads(status(local_swarm.initial_peers, llama, "--json"))
+    assert view["models"][llama] == 4 and view["models"][qwen] == 4
+    [swarm] = view["swarms"]
+    assert swarm["model"] == llama and swarm["num_blocks"] == 4
+    spans = {n["peer_id"]: (n["start"], n["end"], n["state"]) for n in swarm["nodes"]}
+    assert spans == {nodes[0].peer_id: (0, 2, "online"), nodes[1].peer_id: (1, 3, "online")}
+    assert all(n["free_cache_tokens"] > 0 and n["version"] for n in swarm["nodes"])
+    assert [(c["nodes"], c["throughput"]) for c in swarm["coverage"]] == [(1, 50.0), (2, 100.0), (1, 50.0), (0, 0.0)]
+    assert swarm["missing_blocks"] == [3]
+
+    # without a model name: every model the swarm serves
+    view = json.loads(status(local_swarm.initial_peers, "--json"))
+    by_model = {s["model"]: s for s in view["swarms"]}
+    assert set(by_model) >= {llama, qwen}
+    assert [n["peer_id"] for n in by_model[qwen]["nodes"]] == [qwen_node.peer_id]
+    assert by_model[qwen]["missing_blocks"] == []
+
+    # the table marks the gap
+    shown = status(local_swarm.initial_peers, llama)
+    assert "NOT SERVED" in shown and nodes[0].peer_id[-6:] in shown
+
+    local_swarm.start_nodes(tiny_model("llama"), [(3, 4)], "--throughput", "50", "--model-name", llama)
+    view = json.loads(status(local_swarm.initial_peers, llama, "--json"))
+    assert view["swarms"][0]["missing_blocks"] == [] and len(view["swarms"][0]["nodes"]) == 3
