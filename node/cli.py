@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "share a machine's cores")
     parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics (sessions, queued steps, tokens/s, KV pages, preemptions) "
+                             "at http://HOST:PORT/metrics, HOST being --host")
     parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT record refreshes")
 
 
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
         throughput=args.throughput, balance_period=args.balance_period, balance_margin=args.balance_margin,
         drain_timeout=args.drain_timeout, identity_path=args.identity, announce_maddrs=announce_maddrs,
         relay_via=args.relay_via, relay=args.relay, swarm_key_path=args.swarm_key, public_name=args.public_name,
-        session_timeout=args.session_timeout, announce_period=args.announce_period,
+        session_timeout=args.session_timeout, announce_period=args.announce_period, metrics_port=args.metrics_port,
         record_ttl=3 * args.announce_period,  # a node that vanished drops out of routing after three missed refreshes
     )
     node = Node(config)

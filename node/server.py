@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from aiohttp import web
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.kv_cache import PagePool
 from node.limits import RequestRate
+from node.metrics import NodeCollector, serve_metrics
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
 from node.span import Span, block_bytes
 from node.throughput import Throughput, cached_estimate, model_identity, probe
@@ -49,7 +51,7 @@ from swarm.protocol import (
     write_frame,
 )
 from swarm.identity import load_identity
-from swarm.records import NodeRecord, NodeState, SignedRecordValidator, announce, fetch_records
+from swarm.records import SOFTWARE_VERSION, NodeRecord, NodeState, SignedRecordValidator, announce, fetch_records
 from swarm.relays import RELAY_OPTIONS, relayed_peer_options
 from swarm.swarm_key import SwarmKey
 
@@ -108,6 +110,7 @@ class NodeConfig:
     session_timeout: float = 300.0
     announce_period: float = 10.0
     record_ttl: float = 30.0
+    metrics_port: int | None = None  # serve Prometheus metrics at http://host:port/metrics
 
 
 @dataclass(eq=False)
@@ -146,6 +149,7 @@ class Node:
         self.p2p: P2P | None = None
         self.swarm_key = SwarmKey.load(config.swarm_key_path) if config.swarm_key_path else None
         self.request_rate = RequestRate(config.max_requests_per_peer)
+        self._metrics: web.AppRunner | None = None
 
     @property
     def peer_id(self) -> str:
@@ -178,6 +182,10 @@ class Node:
             self.p2p = await self.dht.replicate_p2p()
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
+            if self.config.metrics_port is not None:
+                collector = NodeCollector(lambda: self.scheduler.stats() if self.scheduler else {}, self._metrics_info)
+                self._metrics = await serve_metrics(collector, self.config.host, self.config.metrics_port)
+                logger.info("metrics at http://%s:%d/metrics", self.config.host, self.config.metrics_port)
             start, end = self.config.blocks or await self._choose_span()
             await self._serve(start, end)
             try:
@@ -189,6 +197,10 @@ class Node:
             await self._keep_announcing()
         finally:
             await self._shutdown()
+
+    def _metrics_info(self) -> dict[str, str]:
+        return {"model": self.config.model_name, "peer_id": self.peer_id, "blocks": f"{self.start}:{self.end}",
+                "state": self.state.value, "version": SOFTWARE_VERSION}
 
     def _temporary_identity(self) -> Path:
         """Without --identity a node is a new peer each run: a fresh key in a directory removed at exit."""
@@ -358,6 +370,8 @@ class Node:
         self.state = NodeState.OFFLINE
         if self._scheduler_task is not None:
             self._scheduler_task.cancel()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
         if self.dht is not None and self.dht.is_alive():
             try:
                 await asyncio.wait_for(self._announce(), 5)
