@@ -86,6 +86,13 @@ class LocalSwarm:
             process.span = span
         return processes
 
+    def start_api(self, model: str | Path, port: int, *extra: str, timeout: float = 120) -> str:
+        """Start `swarm api` for the model on 127.0.0.1:port; returns its base URL."""
+        process = self._spawn("api", SWARM + ["api", "--model", str(model), "--port", str(port), *extra,
+                                              "--initial-peers", *self.initial_peers])
+        self._wait_ready(process, "serving", timeout)
+        return f"http://127.0.0.1:{port}/v1"
+
     def node_process(self, peer_id: str) -> subprocess.Popen:
         return next(p for p in self.processes if getattr(p, "peer_id", None) == peer_id)
 

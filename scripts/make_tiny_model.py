@@ -50,11 +50,16 @@ _CORPUS = [
 ] * 8
 
 
+# Each turn: its role, a newline, its content, end of text; the open assistant turn has no end.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>{% endfor %}"
+                 "{% if add_generation_prompt %}assistant\n{% endif %}")
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_CORPUS, vocab_size=VOCAB, min_frequency=1, special_tokens=["<|endoftext|>", "<pad>"])
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", pad_token="<pad>")
+                                   bos_token="<|endoftext|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE)
 
 
 def make_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, shard_size: str | None = None,

@@ -9,7 +9,8 @@ from swarm import bootstrap
 
 
 def main(argv: list[str] | None = None) -> None:
-    from client import status
+    from client import api, status
+    from client import cli as client_cli
     from node import cli as node_cli
 
     parser = argparse.ArgumentParser(prog="swarm", description="Serve and use language models from a swarm of nodes.")
@@ -23,6 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     status_parser = commands.add_parser("status", help="show a model's nodes, block coverage and sessions")
     status.add_arguments(status_parser)
     status_parser.set_defaults(run=status.run)
+    generate_parser = commands.add_parser("generate", help="continue a prompt through the swarm, streaming the text")
+    client_cli.add_generate_arguments(generate_parser)
+    generate_parser.set_defaults(run=client_cli.generate)
+    chat_parser = commands.add_parser("chat", help="chat with a model in the swarm from the terminal")
+    client_cli.add_chat_arguments(chat_parser)
+    chat_parser.set_defaults(run=client_cli.chat)
+    api_parser = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API backed by the swarm")
+    api.add_arguments(api_parser)
+    api_parser.set_defaults(run=api.run)
     args = parser.parse_args(argv)
     try:
         args.run(args)

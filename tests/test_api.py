@@ -1,0 +1,90 @@
+"""`swarm api` driven by the official openai package, and `swarm generate` / `swarm chat`, against a loopback
+swarm: the text equals what the client library generates for the same greedy request."""
+
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from client import DistributedModelForCausalLM
+from client.cli import render
+from local_swarm import SWARM
+
+PROMPT = "A swarm of volunteer machines"
+NEW_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def library_text(model, tokenizer, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> str:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def run_cli(local_swarm, path, *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run([*SWARM, *args, "--model", str(path), "--max-new-tokens", str(NEW_TOKENS),
+                           "--initial-peers", *local_swarm.initial_peers], input=stdin, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_openai_api_and_cli_give_the_client_librarys_text(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)])
+    url = local_swarm.start_api(path, free_port())
+    api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    name = path.name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    conversation = [{"role": "user", "content": "Where do the blocks live?"}]
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        expected = library_text(model, tokenizer, tokenizer(PROMPT, return_tensors="pt").input_ids)
+        expected_chat = library_text(model, tokenizer, render(tokenizer, conversation))
+        second_turn = [*conversation, {"role": "assistant", "content": expected_chat},
+                       {"role": "user", "content": "And the cache?"}]
+        expected_second = library_text(model, tokenizer, render(tokenizer, second_turn))
+    assert expected.strip() and expected_chat.strip()
+
+    assert [m.id for m in api.models.list().data] == [name]
+
+    completion = api.completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0)
+    assert completion.choices[0].text == expected
+    assert completion.usage.completion_tokens <= NEW_TOKENS and completion.usage.prompt_tokens > 0
+    streamed = api.completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+
+    chat = api.chat.completions.create(model=name, messages=conversation, max_tokens=NEW_TOKENS, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == expected_chat
+    streamed = api.chat.completions.create(model=name, messages=conversation, max_tokens=NEW_TOKENS, temperature=0,
+                                           stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == expected_chat
+
+    # concurrent requests share the swarm and each gets its own session
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda _: api.completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS,
+                                                               temperature=0).choices[0].text, range(4)))
+    assert texts == [expected] * 4
+
+    stop = next(expected[i:i + 2] for i in range(1, len(expected) - 1) if expected[i:i + 2].strip())
+    stopped = api.completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == expected[:expected.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    sampled = api.completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0.8, top_p=0.9)
+    assert sampled.usage.completion_tokens >= 1
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        api.completions.create(model="no-such-model", prompt=PROMPT)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        api.completions.create(model=name, prompt=PROMPT, temperature=7)
+
+    assert run_cli(local_swarm, path, "generate", PROMPT) == expected + "\n"
+    # a second turn continues the conversation's session and gives what a fresh generate over it gives
+    turns = f"{conversation[0]['content']}\n{second_turn[2]['content']}\n"
+    assert run_cli(local_swarm, path, "chat", stdin=turns) == f"{expected_chat}\n{expected_second}\n"
