@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from client.cli import add_model_arguments, load_model, render, sampling_options
 from client.session import NodeError
+from swarm import logs
 from swarm.routing import RoutingError
 
 logger = logging.getLogger(__name__)
@@ -313,10 +314,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests generating at once; more wait for a free slot")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens of chat completions that do not set it")
+    logs.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_format)
     model, tokenizer = load_model(args)
     server = Server(model, tokenizer, args.max_concurrency, args.default_max_tokens)
     try:

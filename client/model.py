@@ -108,7 +108,8 @@ class DistributedModelForCausalLM:
         parent_name, _, attr = prefix.rpartition(".")
         model.swarm_layers = SwarmLayers()
         setattr(model.get_submodule(parent_name), attr, nn.ModuleList([model.swarm_layers]))
-        load_weights(model, path, lambda name: layer_index(name, prefix) is None, torch.device(device), dtype)
+        load_weights(model, path, lambda name: layer_index(name, prefix) is None, torch.device(device), dtype,
+                     "embeddings and head")
         model.tie_weights()
         missing = meta_parameters(model)
         if missing:

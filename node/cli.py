@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import torch
 import uvloop
 
+from swarm import logs
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import model_name
 
@@ -86,13 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics (sessions, queued steps, tokens/s, KV pages, preemptions) "
                              "at http://HOST:PORT/metrics, HOST being --host")
+    logs.add_arguments(parser)
     parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT record refreshes")
 
 
 def run(args: argparse.Namespace) -> None:
     from node.server import Node, NodeConfig  # torch model code is imported only by the commands that need it
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_format)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)

@@ -55,7 +55,7 @@ class Span:
             block = layer_index(tensor_name, prefix)
             return block is not None and start <= block < end
 
-        load_weights(model, model_path, in_span, self.device, dtype)
+        load_weights(model, model_path, in_span, self.device, dtype, f"blocks {start}:{end}")
         self.layers = [all_layers[i] for i in range(start, end)]
         missing = [f"{prefix}.{start + i}.{name}" for i, layer in enumerate(self.layers) for name in meta_parameters(layer)]
         if missing:

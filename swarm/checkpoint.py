@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -106,17 +107,22 @@ def tensor_files(path: str | Path) -> dict[str, Path]:
 
 
 def load_weights(model: PreTrainedModel, path: str | Path, wanted: Callable[[str], bool],
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-    """Read the wanted checkpoint tensors (and only those) into the model, converting names as transformers does."""
+                 device: torch.device | str, dtype: torch.dtype, what: str = "weights") -> None:
+    """Read the wanted checkpoint tensors (and only those) into the model, converting names as transformers does.
+
+    A progress bar (on a terminal) counts the bytes read; `what` names them in it.
+    """
     by_file: dict[Path, list[str]] = {}
     for name, file in tensor_files(path).items():
         if wanted(name):
             by_file.setdefault(file, []).append(name)
     state_dict = {}
-    for file, names in by_file.items():
-        with safe_open(str(file), "pt", device="cpu") as f:
-            for name in names:
-                state_dict[name] = f.get_tensor(name)
+    with tqdm(desc=f"reading {what}", unit="B", unit_scale=True, disable=None) as progress:
+        for file, names in by_file.items():
+            with safe_open(str(file), "pt", device="cpu") as f:
+                for name in names:
+                    state_dict[name] = f.get_tensor(name)
+                    progress.update(state_dict[name].nbytes)
     load_config = LoadStateDictConfig(device_map={"": device}, dtype=dtype,
                                       weight_mapping=get_model_conversion_mapping(model))
     convert_and_load_state_dict_in_model(model, state_dict, load_config)

@@ -1,5 +1,6 @@
-"""A node's Prometheus endpoint, scraped while a client generates through it: sessions and pages move."""
+"""A node's Prometheus endpoint, scraped while a client generates through it: sessions and pages move; its JSON logs."""
 
+import json
 import socket
 import time
 import urllib.request
@@ -25,7 +26,7 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_show_sessions_pages_and_tokens_move_during_generation(tiny_model, local_swarm):
     path = tiny_model("llama")
     port = free_port()
-    local_swarm.start_nodes(path, [(0, 4)], "--metrics-port", str(port), "--page-size", "4")
+    local_swarm.start_nodes(path, [(0, 4)], "--metrics-port", str(port), "--page-size", "4", "--log-format", "json")
     idle = scrape(port)
     assert idle["swarm_node_sessions"] == 0 and idle["swarm_node_kv_pages_used"] == 0
     assert idle["swarm_node_kv_pages_free"] > 0
@@ -50,3 +51,9 @@ def test_metrics_show_sessions_pages_and_tokens_move_during_generation(tiny_mode
     assert second["swarm_node_tokens_total"] - first["swarm_node_tokens_total"] == 10
     assert second["swarm_node_tokens_per_second"] > 0
     assert closed["swarm_node_sessions"] == 0 and closed["swarm_node_kv_pages_used"] < second["swarm_node_kv_pages_used"]
+
+    # --log-format json: the node's own log lines are JSON objects
+    [log] = local_swarm.log_dir.glob("node-*.log")
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    serving = [e for e in entries if e["logger"] == "node.server" and e["message"].startswith("serving blocks 0:4")]
+    assert serving and serving[0]["level"] == "INFO" and serving[0]["time"]
