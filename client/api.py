@@ -140,7 +140,8 @@ class Server:
             return web.json_response(APIError(e.status, e.reason, code=str(e.status)).body(), status=e.status)
         except Exception as e:
             logger.exception("request failed")
-            return web.json_response(_swarm_error(e).body(), status=_swarm_error(e).status)
+            error = _swarm_error(e)
+            return web.json_response(error.body(), status=error.status)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -237,6 +238,7 @@ class Server:
         """Yields (new text, finish reason or None, tokens so far). Text that may begin a stop string, or ends
         inside a multi-byte character, is held back until it is known."""
         stream, cancelled = _TokenStream(asyncio.get_running_loop()), threading.Event()
+        ids = ids.to(self.model.device)
 
         def work() -> None:
             try:
