@@ -26,6 +26,7 @@ def test_private_swarm_is_closed_to_outsiders(tiny_model, local_swarm, tmp_path)
     raw = DHT(initial_peers=local_swarm.initial_peers, start=True)  # an outsider that stores whatever it likes
     try:
         assert run_coroutine(outsider.records(name)) == []
+        assert name not in run_coroutine(outsider.models())  # nor in the swarm's list of models
         # even knowing the members' DHT key, the outsider finds only sealed bytes
         members_key = model_key(name, key)
         sealed = raw.get(members_key, latest=True).value
@@ -57,6 +58,7 @@ def test_private_swarm_is_closed_to_outsiders(tiny_model, local_swarm, tmp_path)
                                                      model_name_in_swarm=name, swarm_key=key_file) as model:
         records = run_coroutine(model.connection.records(model.swarm_model_name))
         assert sorted(r.peer_id for r in records) == sorted(node.peer_id for node in nodes)  # not the fake one
+        assert run_coroutine(model.connection.models()) == {name: 4}
         assert_same_tokens(model.generate(ids, max_new_tokens=8, do_sample=False),
                            local.generate(ids, max_new_tokens=8, do_sample=False), local)
 
