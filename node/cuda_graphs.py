@@ -25,8 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
-    def __init__(self, span: Span, pool: PagePool, max_batch_size: int, max_length: int):
-        self.span, self.pool = span, pool
+    @torch.no_grad()  # the weights require grad: without this, torch.compile would trace for a backward pass
+    def __init__(self, span: Span, pool: PagePool, max_batch_size: int, max_length: int, compile: bool = False):
+        self.span, self.pool, self.compiled = span, pool, compile
+        # torch.compile fuses each layer's small kernels (norms, rotary, residual adds, activations), which
+        # otherwise cost more than the layer's matrix-vector products at batch 1.
+        layers = [torch.compile(layer, dynamic=False) for layer in span.layers] if compile else span.layers
         self.buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.max_batch_size = max_batch_size
         largest, device = self.buckets[-1], span.device
@@ -44,18 +48,18 @@ class DecodeGraphs:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # compiles kernels and sets up cuBLAS outside the capture
-                span.run_blocks(self.hidden[:bucket], cache, span.start, span.end)
+                span.run_blocks(self.hidden[:bucket], cache, span.start, span.end, layers)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=memory):
-                self.outputs[bucket] = span.run_blocks(self.hidden[:bucket], cache, span.start, span.end)
+                self.outputs[bucket] = span.run_blocks(self.hidden[:bucket], cache, span.start, span.end, layers)
             self.graphs[bucket] = graph
-        logger.info("captured decode graphs for batch sizes %s in %.1f s", self.buckets, time.perf_counter() - began)
+        logger.info("captured %sdecode graphs for batch sizes %s in %.1f s", "compiled " if compile else "",
+                    self.buckets, time.perf_counter() - began)
 
     def _batch(self, size: int) -> DecodeBatch:
-        layers = self.span.layer_count
         return DecodeBatch(self.meta[0, :size], self.meta[1, :size], self.tables[:size], self.meta[2, :size],
-                           self.pool.page_size, [0] * layers, [0] * layers)
+                           self.pool.page_size)
 
     def run(self, hidden: torch.Tensor, seqs: list[SequenceCache]) -> torch.Tensor:
         """The span's outputs for one new token per sequence, hidden [B, hidden_size] -> [B, hidden_size].

@@ -120,3 +120,21 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
         out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, NUM_PARTITIONS=num_partitions,
         PARTS_PAD=triton.next_power_of_2(num_partitions))
     return out
+
+
+@torch.library.custom_op("swarm::paged_decode", mutates_args=("keys", "values"))
+def paged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, write_slots: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
+                 page_size: int, scale: float, window: int) -> torch.Tensor:
+    """One layer's decode attention: writes the new tokens' key and value [B, Hkv, D] to write_slots of the
+    layer's pool keys/values [slots, Hkv, D], then attends query [B, Hq, D] over them (window 0: none).
+    A custom op, so torch.compile keeps it as one opaque call that writes the pool, and fuses the layer's
+    code around it."""
+    keys[write_slots] = key
+    values[write_slots] = value
+    return paged_decode_attention(query, keys, values, block_tables, lengths, page_size, scale, window or None)
+
+
+@paged_decode.register_fake
+def _(query: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(query)
