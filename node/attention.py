@@ -9,7 +9,7 @@ block-diagonal causal mask, with the layer's sliding window. Families that bypas
 own math over the same keys/values and the full causal mask that the executor passes as attention_mask.
 For a ``DecodeBatch`` (one new token per sequence, on CUDA) nothing is gathered: ``update`` passes the new
 keys and values through, and ``paged_attention`` writes them into the pool and runs the paged decode
-kernel over the pool in place, in one custom op (node/paged_decode.py).
+kernel (node/paged_decode.py) over the pool in place.
 """
 
 from __future__ import annotations
@@ -152,14 +152,15 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     batch = paged_cache.batch
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     if isinstance(batch, DecodeBatch):
-        from node.paged_decode import paged_decode  # Triton: CUDA nodes only
+        from node.paged_decode import paged_decode_attention  # Triton: CUDA nodes only
 
         keys, values = paged_kv
         # [1, H, B, D] -> [B, H, D]
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        output = paged_decode(q, k.to(keys.dtype), v.to(values.dtype), keys, values, batch.write_slots,
-                              batch.block_tables, batch.lengths, batch.page_size,
-                              scaling if scaling is not None else query.shape[-1] ** -0.5, window or 0)
+        keys[batch.write_slots] = k.to(keys.dtype)
+        values[batch.write_slots] = v.to(values.dtype)
+        output = paged_decode_attention(q, keys, values, batch.block_tables, batch.lengths, batch.page_size,
+                                        scaling if scaling is not None else query.shape[-1] ** -0.5, window)
         return output[None], None
     batch.attention_calls[module.layer_idx - paged_cache.first_layer] += 1
     mask = batch.mask(window)

@@ -87,6 +87,9 @@ def _merge_kernel(partial_ptr, max_ptr, sum_ptr, out_ptr, stride_pb, stride_ph, 
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+# A custom op, so that torch.compile keeps the kernel launches as one opaque call while it fuses the layer's
+# code around it (tracing into the launcher fails on its host-side arithmetic).
+@torch.library.custom_op("swarm::paged_decode_attention", mutates_args=())
 def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
                            lengths: torch.Tensor, page_size: int, scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over that sequence's cached keys and values.
@@ -122,19 +125,7 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     return out
 
 
-@torch.library.custom_op("swarm::paged_decode", mutates_args=("keys", "values"))
-def paged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, write_slots: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
-                 page_size: int, scale: float, window: int) -> torch.Tensor:
-    """One layer's decode attention: writes the new tokens' key and value [B, Hkv, D] to write_slots of the
-    layer's pool keys/values [slots, Hkv, D], then attends query [B, Hq, D] over them (window 0: none).
-    A custom op, so torch.compile keeps it as one opaque call that writes the pool, and fuses the layer's
-    code around it."""
-    keys[write_slots] = key
-    values[write_slots] = value
-    return paged_decode_attention(query, keys, values, block_tables, lengths, page_size, scale, window or None)
 
-
-@paged_decode.register_fake
-def _(query: torch.Tensor, *args) -> torch.Tensor:
+@paged_decode_attention.register_fake
+def _(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.empty_like(query)
