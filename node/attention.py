@@ -126,7 +126,9 @@ class PagedCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if isinstance(self.batch, DecodeBatch):
-            return key_states, value_states  # paged_attention writes them to the pool and attends in one op
+            # paged_attention writes them through the layer's paged_kv: using layer_idx here would make
+            # torch.compile compile every layer apart
+            return key_states, value_states
         local = layer_idx - self.first_layer
         self.batch.cache_updates[local] += 1
         keys, values = self.pool.keys[local], self.pool.values[local]

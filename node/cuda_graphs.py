@@ -31,11 +31,13 @@ class DecodeGraphs:
         self.span, self.pool, self.compiled = span, pool, compile
         # torch.compile fuses each layer's small kernels (norms, rotary, residual adds, activations, the KV
         # write): ~35 of 47 kernels of an 8B-shaped layer, a third of its 0.21 ms at batch 1 in a graph (H200).
-        # Layers of one class share one compiled graph per bucket. Coordinate descent tunes the generated kernels' block sizes (Inductor
-        # writes batch-1 matmuls as its own reductions, fused with the norms): on an H200 it took 8B-shaped
-        # layers at batch 1 from 0.158 to 0.127 ms each, for 28 s more compiling when Inductor's cache is cold.
+        # Layers of one class share one compiled graph per bucket. Coordinate descent tunes the generated
+        # kernels' block sizes (Inductor writes batch-1 matmuls as its own reductions, fused with the norms):
+        # on an H200 it took 8B-shaped layers at batch 1 from 0.158 to 0.127 ms each, for 28 s more compiling
+        # when Inductor's disk cache is cold.
         options = {"coordinate_descent_tuning": True}
-        layers = [torch.compile(layer, dynamic=False, options=options) for layer in span.layers] if compile else span.layers
+        layers = ([torch.compile(layer, dynamic=False, options=options) for layer in span.layers] if compile
+                  else span.layers)
         self.buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.max_batch_size = max_batch_size
         largest, device = self.buckets[-1], span.device

@@ -125,7 +125,6 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     return out
 
 
-
 @paged_decode_attention.register_fake
 def _(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.empty_like(query)
