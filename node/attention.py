@@ -1,18 +1,19 @@
 """Attention over the paged KV cache, plugged into transformers' own decoder layers.
 
-Layers get a ``PagedCache`` as their past_key_values/layer_past: its ``update`` writes the step's keys
-and values into the pool. For a ``PackedBatch`` (prefill chunks, or any batch on CPU) it returns every
-key/value of the step's sequences, gathered densely; families that dispatch through transformers'
-AttentionInterface then call ``paged_attention`` (registered as ``ATTENTION_NAME``), which applies the
-packed batch's block-diagonal causal mask, with the layer's sliding window. Families that bypass the
-interface run their own math over the same keys/values and the full causal mask that the executor passes
-as attention_mask. For a ``DecodeBatch`` (one new token per sequence, on CUDA) nothing is gathered:
-``paged_attention`` runs the paged decode kernel (node/paged_decode.py) over the pool in place.
+Layers get a ``PagedCache`` as their past_key_values/layer_past, and again as the keyword argument
+``paged_cache``, which reaches the attention function. For a ``PackedBatch`` (prefill chunks, or any batch
+on CPU) its ``update`` writes the step's keys and values into the pool and returns every key/value of the
+step's sequences, gathered densely; families that dispatch through transformers' AttentionInterface then
+call ``paged_attention`` (registered as ``ATTENTION_NAME``), which applies the packed batch's
+block-diagonal causal mask, with the layer's sliding window. Families that bypass the interface run their
+own math over the same keys/values and the full causal mask that the executor passes as attention_mask.
+For a ``DecodeBatch`` (one new token per sequence, on CUDA) nothing is gathered: ``update`` passes the new
+keys and values through, and ``paged_attention`` writes them into the pool and runs the paged decode
+kernel (node/paged_decode.py) over the pool in place.
 """
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import sys
 from dataclasses import dataclass, field
@@ -92,15 +93,13 @@ class DecodeBatch:
     block_tables: torch.Tensor  # [B, W] int32 pages of each sequence, in order; entries past its end unused
     lengths: torch.Tensor  # [B] keys of each sequence, the new token's included
     page_size: int
-    attention_calls: list[int]
-    cache_updates: list[int]
 
     @classmethod
-    def build(cls, seqs: list[SequenceCache], page_size: int, num_layers: int, device: torch.device) -> DecodeBatch:
+    def build(cls, seqs: list[SequenceCache], page_size: int, device: torch.device) -> DecodeBatch:
         """The sequences must have pages for their new token (PagePool.reserve)."""
         meta, tables = cls.host_inputs(seqs, page_size, len(seqs), pad_page=0)
         meta, tables = meta.to(device), tables.to(device)
-        return cls(meta[0], meta[1], tables, meta[2], page_size, [0] * num_layers, [0] * num_layers)
+        return cls(meta[0], meta[1], tables, meta[2], page_size)
 
     @staticmethod
     def host_inputs(seqs: list[SequenceCache], page_size: int, rows: int, pad_page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +117,6 @@ class DecodeBatch:
         return meta, tables
 
 
-_current: contextvars.ContextVar[PagedCache] = contextvars.ContextVar("swarm_paged_cache")
-
-
 class PagedCache(Cache):
     """The transformers Cache that layers see: it reads and writes the node's page pool."""
 
@@ -129,14 +125,16 @@ class PagedCache(Cache):
         self.pool, self.batch, self.first_layer = pool, batch, first_layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if isinstance(self.batch, DecodeBatch):
+            # paged_attention writes them through the layer's paged_kv: using layer_idx here would make
+            # torch.compile compile every layer apart
+            return key_states, value_states
         local = layer_idx - self.first_layer
         self.batch.cache_updates[local] += 1
         keys, values = self.pool.keys[local], self.pool.values[local]
         # [1, Hkv, T, D] -> [T, Hkv, D]
         keys[self.batch.write_slots] = key_states[0].transpose(0, 1).to(keys.dtype)
         values[self.batch.write_slots] = value_states[0].transpose(0, 1).to(values.dtype)
-        if isinstance(self.batch, DecodeBatch):
-            return key_states, value_states  # paged_attention reads the pool itself
         gathered_k = keys[self.batch.read_slots].transpose(0, 1).unsqueeze(0)
         gathered_v = values[self.batch.read_slots].transpose(0, 1).unsqueeze(0)
         return gathered_k, gathered_v
@@ -145,28 +143,28 @@ class PagedCache(Cache):
         return max((seq.length for seq in self.batch.seqs), default=0)
 
 
-def activate(cache: PagedCache) -> contextvars.Token:
-    return _current.set(cache)
-
-
-def deactivate(token: contextvars.Token) -> None:
-    _current.reset(token)
-
-
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, *,
+                    paged_cache: PagedCache, paged_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    cache = _current.get()
-    batch, local = cache.batch, module.layer_idx - cache.first_layer
-    batch.attention_calls[local] += 1
+    """paged_cache and, for a decode step, paged_kv (the pool's keys and values of this layer) are keyword
+    arguments of the layer's forward that transformers passes on to here: a context variable would do too, but
+    torch.compile cannot trace reading one. A decode step uses the layer's pool tensors rather than
+    module.layer_idx, so that torch.compile sees the same code for every layer and compiles it once."""
+    batch = paged_cache.batch
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     if isinstance(batch, DecodeBatch):
         from node.paged_decode import paged_decode_attention  # Triton: CUDA nodes only
 
-        output = paged_decode_attention(query[0].transpose(0, 1), cache.pool.keys[local], cache.pool.values[local],
-                                        batch.block_tables, batch.lengths, batch.page_size,
+        keys, values = paged_kv
+        # [1, H, B, D] -> [B, H, D]
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        keys[batch.write_slots] = k.to(keys.dtype)
+        values[batch.write_slots] = v.to(values.dtype)
+        output = paged_decode_attention(q, keys, values, batch.block_tables, batch.lengths, batch.page_size,
                                         scaling if scaling is not None else query.shape[-1] ** -0.5, window)
         return output[None], None
+    batch.attention_calls[module.layer_idx - paged_cache.first_layer] += 1
     mask = batch.mask(window)
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         # softcap (gemma2) and attention sinks (gpt-oss) exist only in the family's own eager math

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per forward pass and per session")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="run decode steps eagerly instead of replaying CUDA graphs (GPU nodes)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="capture the decode graphs from the layers as they are, without torch.compile fusing "
+                             "their small kernels first (faster start, slower decoding)")
     parser.add_argument("--kv-overcommit", type=float, default=2.0,
                         help="admit sessions until their declared lengths need this many times the pool's pages; "
                              "when actual use outgrows the pool, junior sessions are preempted")
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
         num_blocks=args.num_blocks, initial_peers=args.initial_peers, host=args.host, port=args.port,
         device=args.device, dtype=dtype, kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
         max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
-        cuda_graphs=args.cuda_graphs, kv_overcommit=args.kv_overcommit, swap_gb=args.swap_gb, queue_timeout=args.queue_timeout,
+        cuda_graphs=args.cuda_graphs, compile=args.compile, kv_overcommit=args.kv_overcommit, swap_gb=args.swap_gb, queue_timeout=args.queue_timeout,
         max_sessions_per_peer=args.max_sessions_per_peer, max_sessions=args.max_sessions,
         max_requests_per_peer=args.max_requests_per_peer, max_queued_tokens_per_peer=args.max_queued_tokens_per_peer,
         throughput=args.throughput, balance_period=args.balance_period, balance_margin=args.balance_margin,

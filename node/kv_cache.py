@@ -67,6 +67,10 @@ class PagePool:
     def page_bytes(num_layers: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * page_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one local layer, [slots, kv_heads, head_dim] each (views)."""
+        return self.keys[index], self.values[index]
+
     @property
     def token_bytes(self) -> int:
         """Bytes of one token's keys and values over all local layers."""

@@ -87,6 +87,9 @@ def _merge_kernel(partial_ptr, max_ptr, sum_ptr, out_ptr, stride_pb, stride_ph, 
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+# A custom op, so that torch.compile keeps the kernel launches as one opaque call while it fuses the layer's
+# code around it (tracing into the launcher fails on its host-side arithmetic).
+@torch.library.custom_op("swarm::paged_decode_attention", mutates_args=())
 def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
                            lengths: torch.Tensor, page_size: int, scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over that sequence's cached keys and values.
@@ -120,3 +123,8 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
         out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, NUM_PARTITIONS=num_partitions,
         PARTS_PAD=triton.next_power_of_2(num_partitions))
     return out
+
+
+@paged_decode_attention.register_fake
+def _(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return torch.empty_like(query)

@@ -89,6 +89,7 @@ class NodeConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 512
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU nodes)
+    compile: bool = True  # torch.compile the layers that the decode graphs replay
     kv_overcommit: float = 2.0
     swap_gb: float = 0.0
     queue_timeout: float = 60.0
@@ -300,7 +301,8 @@ class Node:
         model_max = getattr(self.model_config, "max_position_embeddings", None) or 2**31
         self.max_length = min(config.max_length or model_max, model_max, num_pages * config.page_size)
         if config.cuda_graphs:
-            await asyncio.to_thread(self.span.capture_graphs, self.pool, config.max_batch_size, self.max_length)
+            await asyncio.to_thread(self.span.capture_graphs, self.pool, config.max_batch_size, self.max_length,
+                                    config.compile)
         if config.throughput:
             self.throughput = Throughput(config.throughput, config.throughput)
         else:

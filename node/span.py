@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from node.attention import ATTENTION_NAME, DecodeBatch, PackedBatch, PagedCache, activate, deactivate
+from node.attention import ATTENTION_NAME, DecodeBatch, PackedBatch, PagedCache
 from node.cuda_graphs import DecodeGraphs
 from node.kv_cache import PagePool, SequenceCache
 from swarm.checkpoint import (
@@ -128,10 +129,19 @@ class Span:
             logger.info("blocks %s compute attention in their own code over the paged cache and the full causal mask", bypass)
         return *shapes[0], bypass
 
-    def capture_graphs(self, pool: PagePool, max_batch_size: int, max_length: int) -> None:
-        """Replay decode steps through the whole span from CUDA graphs (node/cuda_graphs.py)."""
+    def capture_graphs(self, pool: PagePool, max_batch_size: int, max_length: int, compile: bool = False) -> None:
+        """Replay decode steps through the whole span from CUDA graphs (node/cuda_graphs.py), of layers
+        compiled by torch.compile if compile is set and that works for the family."""
         if not self.decodes_in_place:
             return
+        if compile:
+            try:
+                self.graphs = DecodeGraphs(self, pool, max_batch_size, max_length, compile=True)
+                return
+            except Exception as e:  # torch.compile fails on the family's code, or the graph capture does
+                torch.cuda.synchronize(self.device)
+                logger.warning("compiled decode steps of %s cannot be captured; trying without compiling: %s",
+                               self.config.model_type, str(e).splitlines()[0] if str(e) else type(e).__name__)
         try:
             self.graphs = DecodeGraphs(self, pool, max_batch_size, max_length)
         except RuntimeError as e:  # the family's layers sync with the host (MoE routing) or copy from it
@@ -139,8 +149,10 @@ class Span:
             logger.warning("decode steps of %s cannot be captured in a CUDA graph; they run eagerly: %s",
                            self.config.model_type, str(e).splitlines()[0])
 
-    def run_blocks(self, hidden: torch.Tensor, cache: PagedCache, start: int, end: int) -> torch.Tensor:
-        """hidden [T, hidden_size] through blocks [start, end) over cache.batch; no bookkeeping."""
+    def run_blocks(self, hidden: torch.Tensor, cache: PagedCache, start: int, end: int,
+                   layers: list[Callable] | None = None) -> torch.Tensor:
+        """hidden [T, hidden_size] through blocks [start, end) over cache.batch; no bookkeeping.
+        layers: the span's layers or compiled versions of them (node/cuda_graphs.py), default the layers."""
         batch = cache.batch
         h = hidden.to(self.device, self.dtype)[None]
         position_ids = batch.positions[None]
@@ -151,18 +163,19 @@ class Span:
                     rotary[kind] = self.rotary(h, position_ids, kind)
             else:
                 rotary[None] = self.rotary(h, position_ids)
-        mask = None if isinstance(batch, DecodeBatch) else batch.mask()
-        token = activate(cache)
-        try:
-            for block in range(start, end):
-                kwargs = {self._cache_arg: cache, "attention_mask": mask, "position_ids": position_ids,
-                          "use_cache": True, **self._no_alibi}
-                if rotary:
-                    kwargs["position_embeddings"] = rotary[self.layer_type(block) if self._rotary_by_layer_type else None]
-                out = self.layers[block - self.start](h, **kwargs)
-                h = out[0] if isinstance(out, tuple) else out
-        finally:
-            deactivate(token)
+        decode = isinstance(batch, DecodeBatch)
+        mask = None if decode else batch.mask()
+        layers = layers or self.layers
+        for block in range(start, end):
+            local = block - self.start
+            kwargs = {self._cache_arg: cache, "paged_cache": cache, "attention_mask": mask,
+                      "position_ids": position_ids, "use_cache": True, **self._no_alibi}
+            if decode:
+                kwargs["paged_kv"] = cache.pool.layer(local)
+            if rotary:
+                kwargs["position_embeddings"] = rotary[self.layer_type(block) if self._rotary_by_layer_type else None]
+            out = layers[local](h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
         return h[0]
 
     @torch.inference_mode()
@@ -180,7 +193,7 @@ class Span:
                 and len(seqs) <= graphs.max_batch_size):
             out = graphs.run(hidden, seqs)
         else:
-            batch = (DecodeBatch.build(seqs, pool.page_size, self.layer_count, self.device) if decode else
+            batch = (DecodeBatch.build(seqs, pool.page_size, self.device) if decode else
                      PackedBatch.build(seqs, new_lengths, pool.page_size, self.layer_count, self.dtype, self.device))
             out = self.run_blocks(hidden, PagedCache(pool, batch, self.start), start, end)
         for seq, n in zip(seqs, new_lengths):

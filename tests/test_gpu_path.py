@@ -25,7 +25,8 @@ IN_PLACE_FAMILIES = sorted(set(FAMILIES) - {"gemma2", "gpt_oss", "falcon"})  # s
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_decode_steps_match_the_full_model(family, tiny_model):
     """Three sequences prefill, then decode together (a batch of 3 runs in the graph of 4, one padding row)
-    across page boundaries; every output equals the float32 model's within rounding."""
+    across page boundaries, through graphs of compiled layers where torch.compile handles the family; every
+    output equals the float32 model's within rounding."""
     path = tiny_model(family)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     spans = [Span(path, 0, 2, DEVICE), Span(path, 2, 4, DEVICE)]
@@ -33,7 +34,7 @@ def test_decode_steps_match_the_full_model(family, tiny_model):
     for span, pool in zip(spans, pools):
         assert span.decodes_in_place == (CUDA and family in IN_PLACE_FAMILIES)
         if CUDA:
-            span.capture_graphs(pool, max_batch_size=8, max_length=64)
+            span.capture_graphs(pool, max_batch_size=8, max_length=64, compile=True)
         elif family in IN_PLACE_FAMILIES:
             span.decodes_in_place = True  # the interpreter runs the kernel on CPU tensors
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +59,7 @@ def test_decode_steps_match_the_full_model(family, tiny_model):
             done[i] += n
     assert worst < 1e-4
     if CUDA and family in ("llama", "mistral", "qwen3", "gemma3_text"):
-        assert all(span.graphs is not None for span in spans)
+        assert all(span.graphs is not None and span.graphs.compiled for span in spans)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
