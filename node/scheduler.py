@@ -448,5 +448,6 @@ class Scheduler:
         tokens = sum(seq.cache.length for s in self.sessions for seq in s.seqs if seq.cache.pages)
         steps = sum(s.step is not None for s in self.sessions)
         return {"sessions": len(self.sessions), "queued": len(self.waiting), "queued_steps": steps,
-                "pages_total": self.pool.num_pages, "pages_used": pages_used, "pages_free": self.pool.free_pages, "pages_shared": self.pool.shared_pages, "tokens_held": tokens,
+                "pages_total": self.pool.num_pages, "pages_used": pages_used, "pages_free": self.pool.free_pages,
+                "pages_shared": self.pool.shared_pages, "tokens_held": tokens,
                 "swap_bytes_used": self.swap_used, **self.counters}

@@ -158,7 +158,8 @@ class Node:
 
     def record(self) -> NodeRecord:
         return NodeRecord(peer_id=self.peer_id, start=self.start, end=self.end, state=self.state,
-                          num_blocks=self.model_config.num_hidden_layers, timestamp=get_dht_time(), max_length=self.max_length, page_size=self.config.page_size,
+                          num_blocks=self.model_config.num_hidden_layers, timestamp=get_dht_time(),
+                          max_length=self.max_length, page_size=self.config.page_size,
                           dtype=protocol.DTYPE_NAMES[self.config.dtype], throughput=self.throughput.decode,
                           prefill_throughput=self.throughput.prefill, rtts=self.rtts,
                           relayed=bool(self.config.relay_via), public_name=self.config.public_name, **self._load())
