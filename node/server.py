@@ -41,6 +41,7 @@ from swarm.checkpoint import load_config
 from swarm.protocol import (
     PAGE_HASH_BYTES,
     ProtocolError,
+    all_finite,
     decode_tensor,
     encode_tensor,
     error_frame,
@@ -128,6 +129,7 @@ class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.model_config = load_config(config.model_path)
+        self.hidden_size: int = self.model_config.hidden_size  # read per step: a config's attributes are slow
         self.device = torch.device(config.device)
         self.span: Span | None = None
         self.pool: PagePool | None = None
@@ -390,8 +392,9 @@ class Node:
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(read_frame(reader), self.config.session_timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.config.session_timeout):  # unlike wait_for, no task per frame
+                        frame = await read_frame(reader)
+                except TimeoutError:
                     if stream is not None and time.monotonic() - stream.last_active < self.config.session_timeout:
                         continue  # its steps arrive pushed by the previous node
                     logger.info("closing an idle stream from %s", peer)
@@ -489,8 +492,9 @@ class Node:
             try:
                 chain = self._push_chain(message.get("push"))
                 out = await self._step(session, message)
-                pushed = bool(chain) and await self._push(stream, chain, out, message["lengths"])
-                reply = pack("output", session=session.id, hidden=encode_tensor(out), pushed=pushed,
+                encoded = encode_tensor(out)
+                pushed = bool(chain) and await self._push(stream, chain, out, encoded, message["lengths"])
+                reply = pack("output", session=session.id, hidden=encoded, pushed=pushed,
                              draining=self.state == NodeState.DRAINING)
             except Exception as e:
                 reply = self._error_reply(e, session.peer)
@@ -509,11 +513,15 @@ class Node:
                                               "dtype")
         return chain
 
-    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
-        """Send the output to the next node as its step; False if it could not be sent (the client then sends it)."""
+    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, encoded: dict,
+                    lengths: list[int]) -> bool:
+        """Send the output (encoded: as the reply carries it) to the next node as its step; False if it could not be
+        sent (the client then sends it)."""
         target, rest = chain[0], chain[1:]
+        dtype = protocol.DTYPES[target["dtype"]]
+        hidden = encoded if dtype == out.dtype else encode_tensor(out.to(dtype))
         frame = pack("step", session=target["session"], lengths=lengths, page_hashes=target.get("page_hashes"),
-                     hidden=encode_tensor(out.to(protocol.DTYPES[target["dtype"]])), push=rest or None)
+                     hidden=hidden, push=rest or None)
         peer = target["peer"]
         try:
             if peer not in self._push_writers:
@@ -590,15 +598,15 @@ class Node:
         expected_dtype = protocol.DTYPE_NAMES[self.config.dtype]
         if message["hidden"]["dtype"] != expected_dtype:
             raise RequestError("bad_tensor", f"hidden states must be {expected_dtype}, got {message['hidden']['dtype']}")
-        if hidden.dim() != 2 or hidden.shape[1] != self.model_config.hidden_size or hidden.shape[0] != sum(lengths):
-            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.model_config.hidden_size}] "
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or hidden.shape[0] != sum(lengths):
+            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
                                              f"(tokens in this step, hidden size), got {list(hidden.shape)}")
         for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
             if seq.received + n > session.max_length:
                 raise RequestError("too_long", f"sequence {i} would reach {seq.received + n} tokens, beyond the "
                                                f"session's max_length {session.max_length}")
         page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
-        if not torch.isfinite(hidden).all():
+        if not all_finite(hidden):
             raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
         if self.scheduler.pending_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
             raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
