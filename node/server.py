@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -299,6 +300,12 @@ class Node:
                                    max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
                                    swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
         self._scheduler_task = asyncio.create_task(self.scheduler.run())
+        # Exempt what lives as long as the span (modules, layers, the pool) from the cycle collector: a full
+        # collection walked all of it, pausing the node ~0.5 s every few thousand steps. Unfrozen first, so that a
+        # previous span's garbage (after rebalancing) is collected.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         self.state = NodeState.ONLINE
         await self._announce()
         logger.info("serving blocks %d:%d of %s at %.1f tokens/s; KV cache of %d pages x %d tokens; sessions up to "
