@@ -615,7 +615,7 @@ class Node:
         page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
         if not all_finite(hidden):
             raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
-        if self.scheduler.pending_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
+        if self.scheduler.queued_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
             raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
                                        "waiting here; retry when its steps finish")
         if sum(lengths) == 0:
