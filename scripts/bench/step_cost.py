@@ -109,8 +109,9 @@ def main() -> None:
                     "results": {}}
     with LocalSwarm(workdir / "logs") as swarm:
         swarm.start_bootstrap()
+        # one client sends more than the default 1000 steps/s per peer: the limit is not what is measured
         nodes = swarm.start_nodes(model_path, [(b, b + 1) for b in range(NUM_BLOCKS)], "--num-threads", "1",
-                                  "--throughput", "1000")
+                                  "--throughput", "1000", "--max-requests-per-peer", "1000000")
         connection = SwarmConnection(swarm.initial_peers)
         roots = {"client": os.getpid(), "bootstrap": swarm.processes[0].pid,
                  **{f"node{i}": node.pid for i, node in enumerate(nodes)}}
