@@ -93,7 +93,8 @@ class SpanSession:
         return await self._reply(timeout)
 
     async def _reply(self, timeout: float | None) -> dict:
-        reply = await asyncio.wait_for(read_frame(self.reader), timeout)
+        async with asyncio.timeout(timeout):  # unlike wait_for, no task per reply
+            reply = await read_frame(self.reader)
         if reply is None:
             raise ConnectionError(f"node {self.hop.node.label} closed the stream")
         message = protocol.unpack(reply)
@@ -303,16 +304,23 @@ class InferenceSession:
             if self.lengths[i] + n > self.max_length:
                 raise ValueError(f"sequence {i} would reach {self.lengths[i] + n} tokens, beyond the session's "
                                  f"max_length {self.max_length}")
-        packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)])
+        padded = any(n != width for n in new_lengths)
+        if padded:
+            packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)])
+        else:  # every position is new (decode steps): the rows are packed already; copied, as they are kept for replay
+            packed = hidden.reshape(batch * width, -1).clone()
         self._add_tokens(token_ids)
-        out = (await self._step(packed, new_lengths)).to(hidden.dtype)
+        out = (await self._step(packed, new_lengths)).to(hidden.device, hidden.dtype)
+        for i, n in enumerate(new_lengths):
+            self.lengths[i] += n
+        await self._move_off_draining_nodes()
+        if not padded:
+            return out.view(hidden.shape)
         result = torch.zeros_like(hidden)
         offset = 0
         for i, n in enumerate(new_lengths):
             result[i, width - n:] = out[offset:offset + n]
             offset += n
-            self.lengths[i] += n
-        await self._move_off_draining_nodes()
         return result
 
     async def _step(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:

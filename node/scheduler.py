@@ -135,6 +135,7 @@ class Scheduler:
         self.declared_pages = 0
         self.swap_used = 0
         self.counters: Counter[str] = Counter()
+        self._queued_tokens: Counter[str] = Counter()  # per peer: tokens of its steps not answered yet
         self._orders = itertools.count()
         self._running: set[Session] = set()
         self._wake = asyncio.Event()
@@ -223,14 +224,25 @@ class Scheduler:
                 seq.page_keys.extend(page_keys[i])
             row += n
         session.step = step
+        # counted here and uncounted when the future is done (answered, failed or cancelled): summing the pending
+        # rows of all sessions instead cost O(sessions) per step
+        tokens = hidden.shape[0]
+        self._queued_tokens[session.peer] += tokens
+        step.future.add_done_callback(lambda _: self._unqueue(session.peer, tokens))
         self._wake.set()
         return step.future
+
+    def _unqueue(self, peer: str, tokens: int) -> None:
+        self._queued_tokens[peer] -= tokens
+        if not self._queued_tokens[peer]:
+            del self._queued_tokens[peer]
 
     def sessions_of(self, peer: str) -> int:
         return sum(s.peer == peer for s in self.sessions) + sum(s.peer == peer for s, _ in self.waiting)
 
-    def pending_tokens(self, peer: str) -> int:
-        return sum(seq.pending for s in self.sessions if s.peer == peer for seq in s.seqs)
+    def queued_tokens(self, peer: str) -> int:
+        """Tokens of the peer's steps waiting for computation."""
+        return self._queued_tokens[peer]
 
     async def run(self) -> None:
         while True:

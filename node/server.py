@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -43,6 +44,7 @@ from swarm.checkpoint import load_config
 from swarm.protocol import (
     PAGE_HASH_BYTES,
     ProtocolError,
+    all_finite,
     decode_tensor,
     encode_tensor,
     error_frame,
@@ -132,6 +134,7 @@ class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.model_config = load_config(config.model_path)
+        self.hidden_size: int = self.model_config.hidden_size  # read per step: a config's attributes are slow
         self.device = torch.device(config.device)
         self.span: Span | None = None
         self.pool: PagePool | None = None
@@ -312,6 +315,12 @@ class Node:
                                    max_batch_size=config.max_batch_size, overcommit=config.kv_overcommit,
                                    swap_bytes=int(config.swap_gb * 2**30), queue_timeout=config.queue_timeout)
         self._scheduler_task = asyncio.create_task(self.scheduler.run())
+        # Exempt what lives as long as the span (modules, layers, the pool) from the cycle collector: a full
+        # collection walked all of it, pausing the node ~0.5 s every few thousand steps. Unfrozen first, so that a
+        # previous span's garbage (after rebalancing) is collected.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         self.state = NodeState.ONLINE
         await self._announce()
         logger.info("serving blocks %d:%d of %s at %.1f tokens/s; KV cache of %d pages x %d tokens; sessions up to "
@@ -407,8 +416,9 @@ class Node:
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(read_frame(reader), self.config.session_timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.config.session_timeout):  # unlike wait_for, no task per frame
+                        frame = await read_frame(reader)
+                except TimeoutError:
                     if stream is not None and time.monotonic() - stream.last_active < self.config.session_timeout:
                         continue  # its steps arrive pushed by the previous node
                     logger.info("closing an idle stream from %s", peer)
@@ -506,8 +516,9 @@ class Node:
             try:
                 chain = self._push_chain(message.get("push"))
                 out = await self._step(session, message)
-                pushed = bool(chain) and await self._push(stream, chain, out, message["lengths"])
-                reply = pack("output", session=session.id, hidden=encode_tensor(out), pushed=pushed,
+                encoded = encode_tensor(out)
+                pushed = bool(chain) and await self._push(stream, chain, out, encoded, message["lengths"])
+                reply = pack("output", session=session.id, hidden=encoded, pushed=pushed,
                              draining=self.state == NodeState.DRAINING)
             except Exception as e:
                 reply = self._error_reply(e, session.peer)
@@ -526,11 +537,15 @@ class Node:
                                               "dtype")
         return chain
 
-    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
-        """Send the output to the next node as its step; False if it could not be sent (the client then sends it)."""
+    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, encoded: dict,
+                    lengths: list[int]) -> bool:
+        """Send the output (encoded: as the reply carries it) to the next node as its step; False if it could not be
+        sent (the client then sends it)."""
         target, rest = chain[0], chain[1:]
+        dtype = protocol.DTYPES[target["dtype"]]
+        hidden = encoded if dtype == out.dtype else encode_tensor(out.to(dtype))
         frame = pack("step", session=target["session"], lengths=lengths, page_hashes=target.get("page_hashes"),
-                     hidden=encode_tensor(out.to(protocol.DTYPES[target["dtype"]])), push=rest or None)
+                     hidden=hidden, push=rest or None)
         peer = target["peer"]
         try:
             if peer not in self._push_writers:
@@ -607,17 +622,17 @@ class Node:
         expected_dtype = protocol.DTYPE_NAMES[self.config.dtype]
         if message["hidden"]["dtype"] != expected_dtype:
             raise RequestError("bad_tensor", f"hidden states must be {expected_dtype}, got {message['hidden']['dtype']}")
-        if hidden.dim() != 2 or hidden.shape[1] != self.model_config.hidden_size or hidden.shape[0] != sum(lengths):
-            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.model_config.hidden_size}] "
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or hidden.shape[0] != sum(lengths):
+            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
                                              f"(tokens in this step, hidden size), got {list(hidden.shape)}")
         for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
             if seq.received + n > session.max_length:
                 raise RequestError("too_long", f"sequence {i} would reach {seq.received + n} tokens, beyond the "
                                                f"session's max_length {session.max_length}")
         page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
-        if not torch.isfinite(hidden).all():
+        if not all_finite(hidden):
             raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
-        if self.scheduler.pending_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
+        if self.scheduler.queued_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
             raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
                                        "waiting here; retry when its steps finish")
         if sum(lengths) == 0:

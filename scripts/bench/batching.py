@@ -93,7 +93,8 @@ def main() -> None:
     with LocalSwarm(workdir / "logs") as swarm:
         swarm.start_bootstrap()
         swarm.start_nodes(model_path, split_blocks(load_config(model_path).num_hidden_layers, 2),
-                          "--page-size", str(args.page_size), "--num-threads", "1")
+                          "--page-size", str(args.page_size), "--num-threads", "1",
+                          "--max-requests-per-peer", "1000000")  # the one client may send over 1000 steps/s
         with DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers) as model:
             run_sessions(model, 2, args.prompt_tokens, 4, seed=0)  # warm-up: streams, first-call overheads
             for n in args.sessions:
