@@ -33,6 +33,7 @@ BAN_SECONDS, MAX_BAN_SECONDS = 5.0, 300.0
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
+_heap_frozen = False
 
 
 def _client_loop() -> asyncio.AbstractEventLoop:
@@ -42,6 +43,17 @@ def _client_loop() -> asyncio.AbstractEventLoop:
             _loop = uvloop.new_event_loop()
             threading.Thread(target=_loop.run_forever, name="swarm-client-loop", daemon=True).start()
     return _loop
+
+
+def _freeze_heap() -> None:
+    """Exempt what is alive at the first connection (modules, the model's weights) from the cycle collector: a full
+    collection walked all of it, pausing every session ~0.5 s every few thousand steps. Once per process, so that
+    objects of the application's later life stay collectable; acyclic garbage is freed by reference counting."""
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
@@ -61,10 +73,7 @@ class SwarmConnection:
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
-        # Exempt what is alive now (modules, the model's weights) from the cycle collector: a full collection walked
-        # all of it, pausing every session ~0.5 s every few thousand steps. Acyclic garbage is still freed as usual.
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
 
     def ban(self, peer_id: str) -> None:
         """Keep sessions off a node that failed: 5 s, doubling with each failure in a row, up to 5 minutes."""
