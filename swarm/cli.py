@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     bootstrap_parser = commands.add_parser("bootstrap", help="start a DHT-only peer that others join through")
     bootstrap.add_arguments(bootstrap_parser)
     bootstrap_parser.set_defaults(run=bootstrap.run)
-    status_parser = commands.add_parser("status", help="show a model's nodes, block coverage and sessions")
+    status_parser = commands.add_parser("status", help="show the models served, their nodes, block coverage and sessions")
     status.add_arguments(status_parser)
     status_parser.set_defaults(run=status.run)
     generate_parser = commands.add_parser("generate", help="continue a prompt through the swarm, streaming the text")
