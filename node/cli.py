@@ -77,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a new session may wait for KV cache room before it is refused")
     parser.add_argument("--max-sessions-per-peer", type=int, default=64, help="open sessions one client may hold")
     parser.add_argument("--max-sessions", type=int, default=1024, help="open and queued sessions of all clients")
-    parser.add_argument("--max-requests-per-peer", type=float, default=1000.0,
-                        help="requests per second one peer may send on average (bursts of twice that)")
+    parser.add_argument("--max-requests-per-peer", type=float, default=10000.0,
+                        help="requests per second one peer may send on average (bursts of twice that); a node "
+                             "pushing the steps of all its sessions to this one counts as one peer")
     parser.add_argument("--max-queued-tokens-per-peer", type=int, default=65536,
                         help="tokens one client may have waiting for computation")
     parser.add_argument("--num-threads", type=int,

@@ -97,7 +97,9 @@ class NodeConfig:
     queue_timeout: float = 60.0
     max_sessions_per_peer: int = 64
     max_sessions: int = 1024  # open and queued sessions of all peers together
-    max_requests_per_peer: float = 1000.0  # frames per second on average (bursts of twice that)
+    # frames per second on average (bursts of twice that); an upstream node pushes every session's steps as one
+    # peer, and one gateway client with 64 fast sessions sends ~2,500 steps/s: 1,000 refused those
+    max_requests_per_peer: float = 10000.0
     max_queued_tokens_per_peer: int = 65536
     throughput: float | None = None  # decode tokens/s to announce instead of measuring
     balance_period: float = 120.0  # seconds between rebalancing checks (0: never move)
