@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import time
+from itertools import groupby
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -92,20 +93,12 @@ def _coverage_table(swarm: dict) -> Table:
     table = Table(title="coverage", title_justify="left")
     for column in ("blocks", "nodes", "tokens/s"):
         table.add_column(column, justify="right")
-    runs: list[list[dict]] = []
-    for block in swarm["coverage"]:
-        if runs and (runs[-1][-1]["nodes"], round(runs[-1][-1]["throughput"], 1)) == (block["nodes"],
-                                                                                     round(block["throughput"], 1)):
-            runs[-1].append(block)
-        else:
-            runs.append([block])
-    for run in runs:
-        first, last = run[0]["block"], run[-1]["block"]
-        blocks = f"{first}" if first == last else f"{first}-{last}"
-        if run[0]["nodes"] == 0:
+    for (nodes, throughput), run in groupby(swarm["coverage"], lambda c: (c["nodes"], round(c["throughput"], 1))):
+        blocks = _ranges([c["block"] for c in run])
+        if nodes == 0:
             table.add_row(Text(blocks, style="bold red"), Text("NOT SERVED", style="bold red"), "")
         else:
-            table.add_row(blocks, str(run[0]["nodes"]), f"{run[0]['throughput']:.1f}")
+            table.add_row(blocks, str(nodes), f"{throughput:.1f}")
     return table
 
 
@@ -147,12 +140,8 @@ def render(view: dict) -> Group:
 
 
 def _ranges(blocks: list[int]) -> str:
-    runs: list[list[int]] = []
-    for b in blocks:
-        if runs and runs[-1][-1] == b - 1:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
+    """Ascending block numbers as runs of consecutive ones: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs = [[b for _, b in run] for _, run in groupby(enumerate(blocks), lambda ib: ib[1] - ib[0])]
     return ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 

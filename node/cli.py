@@ -10,9 +10,7 @@ import uvloop
 from swarm import logs
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import model_name
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from swarm.protocol import DTYPES
 
 def parse_blocks(text: str) -> tuple[int, int]:
     try:

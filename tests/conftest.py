@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -9,6 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from local_swarm import LocalSwarm  # noqa: E402
 from make_tiny_model import make_tiny_model  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a test starts in another process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """`swarm api` driven by the official openai package, and `swarm generate` / `swarm chat`, against a loopback
 swarm: the text equals what the client library generates for the same greedy request."""
 
-import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,16 +11,11 @@ from transformers import AutoTokenizer
 
 from client import DistributedModelForCausalLM
 from client.cli import render
+from conftest import free_port
 from local_swarm import SWARM
 
 PROMPT = "A swarm of volunteer machines"
 NEW_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def library_text(model, tokenizer, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> str:

@@ -1,7 +1,6 @@
 """A node's Prometheus endpoint, scraped while a client generates through it: sessions and pages move; its JSON logs."""
 
 import json
-import socket
 import time
 import urllib.request
 
@@ -9,12 +8,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import DistributedModelForCausalLM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def scrape(port: int) -> dict[str, float]:
