@@ -100,14 +100,15 @@ class DistributedModelForCausalLM:
                         device: str | torch.device = "cpu",
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
                         push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0,
-                        swarm_key: str | Path | None = None) -> PreTrainedModel:
+                        swarm_key: str | Path | None = None, busy_poll: bool | None = None) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
         model_name_in_swarm defaults to the folder's name, as for `swarm node`. The client's part runs on device
         in dtype; hidden states travel in dtype, which must be the nodes' dtype. allowed_nodes / blocked_nodes
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
         itself instead of nodes sending it to the next node. step_timeout and failover_deadline: see
-        InferenceSession. swarm_key: the key file of a private swarm.
+        InferenceSession. swarm_key: the key file of a private swarm. busy_poll: keep a core polling while steps are
+        in flight (client.remote.SwarmConnection); None turns it on for a client on a GPU.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -134,7 +135,8 @@ class DistributedModelForCausalLM:
         model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push,
                                  "step_timeout": step_timeout, "failover_deadline": failover_deadline}
         model._detect_layer_output_convention()
-        model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key)
+        busy_poll = torch.device(device).type == "cuda" if busy_poll is None else busy_poll
+        model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key, busy_poll=busy_poll)
         return model
 
     def _detect_layer_output_convention(self) -> None:
@@ -195,7 +197,8 @@ class DistributedModelForCausalLM:
         if input_ids is None:
             raise ValueError("DistributedModelForCausalLM.forward needs input_ids")
         session = run.session
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        # checked on the host: each check of a GPU tensor would wait for the device
+        mask = attention_mask.cpu() if attention_mask is not None else torch.ones(input_ids.shape, dtype=torch.long)
         if (mask[:, 1:] < mask[:, :-1]).any():
             raise ValueError("padding must be on the left (tokenizer.padding_side = 'left')")
         real = mask.sum(dim=1).tolist()
@@ -207,7 +210,7 @@ class DistributedModelForCausalLM:
         offsets = torch.arange(width)[None, :] - torch.tensor([width - n for n in new_lengths])[:, None]
         positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0).to(input_ids.device)
         run.new_lengths = new_lengths
-        run.token_ids = [row[len(row) - n:].tolist() for row, n in zip(input_ids, new_lengths)]
+        run.token_ids = [row[width - n:] for row, n in zip(input_ids[:, -width:].tolist(), new_lengths)]
         return super().forward(input_ids=input_ids[:, -width:], position_ids=positions, use_cache=False,
                                logits_to_keep=logits_to_keep)
 

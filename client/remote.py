@@ -20,6 +20,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
 from swarm import rpc
+from swarm.busy_poll import BusyPoll
 from swarm.protocol import pack
 from swarm.records import NodeRecord, SignedRecordValidator, fetch_models, fetch_records
 from swarm.routing import Probe
@@ -29,6 +30,7 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 BAN_SECONDS, MAX_BAN_SECONDS = 5.0, 300.0
+CLIENT_POLL_LINGER = 0.005  # covers what generate does between two steps
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -62,10 +64,11 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class SwarmConnection:
-    """swarm_key: a private swarm's key (or its file); None for a public swarm."""
+    """swarm_key: a private swarm's key (or its file); None for a public swarm. busy_poll: keep the client's loop
+    polling while steps are in flight (swarm/busy_poll.py): ~0.1-0.3 ms less per step, one busy core meanwhile."""
 
     def __init__(self, initial_peers: Sequence[str], host: str = "127.0.0.1",
-                 swarm_key: SwarmKey | str | Path | None = None):
+                 swarm_key: SwarmKey | str | Path | None = None, busy_poll: bool = False):
         self.swarm_key = SwarmKey.load(swarm_key) if isinstance(swarm_key, (str, Path)) else swarm_key
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
@@ -73,6 +76,8 @@ class SwarmConnection:
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+        # sessions poll the loop while their steps are in flight, and a moment after, until the next step is sent
+        self.poller = BusyPoll(CLIENT_POLL_LINGER, enabled=busy_poll)
         _freeze_heap()
 
     def ban(self, peer_id: str) -> None:

@@ -310,7 +310,8 @@ class InferenceSession:
         else:  # every position is new (decode steps): the rows are packed already; copied, as they are kept for replay
             packed = hidden.reshape(batch * width, -1).clone()
         self._add_tokens(token_ids)
-        out = (await self._step(packed, new_lengths)).to(hidden.device, hidden.dtype)
+        with self.connection.poller.hold():
+            out = (await self._step(packed, new_lengths)).to(hidden.device, hidden.dtype)
         for i, n in enumerate(new_lengths):
             self.lengths[i] += n
         await self._move_off_draining_nodes()
