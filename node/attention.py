@@ -1,6 +1,6 @@
 """Attention over the paged KV cache, plugged into transformers' own decoder layers.
 
-Layers get a ``PagedCache`` as their past_key_values/layer_past, and again as the keyword argument
+Layers get a ``PagedCache`` as their cache (past_key_values/layer_past before transformers 5.24), and again as the keyword argument
 ``paged_cache``, which reaches the attention function. For a ``PackedBatch`` (prefill chunks, or any batch
 on CPU) its ``update`` writes the step's keys and values into the pool and returns every key/value of the
 step's sequences, gathered densely; families that dispatch through transformers' AttentionInterface then

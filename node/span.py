@@ -68,7 +68,8 @@ class Span:
         del model  # everything outside the span stays on meta and is dropped here
 
         params = inspect.signature(self.layers[0].forward).parameters
-        self._cache_arg = "past_key_values" if "past_key_values" in params else "layer_past"
+        # transformers 5.24 renamed past_key_values to cache; some families that bypass the interface say layer_past
+        self._cache_arg = next((name for name in ("cache", "past_key_values") if name in params), "layer_past")
         self._wants_rotary = "position_embeddings" in params
         self._no_alibi = {"alibi": None} if "alibi" in params else {}  # ALiBi configs were refused above
         self.kv_heads, self.head_dim, bypass = self._probe()
