@@ -288,7 +288,7 @@ class InferenceSession:
         other positions are padding and come back as zeros. token_ids[i] are row i's new tokens: with them
         nodes can share KV pages between sessions with a common prefix (the ids themselves are not sent).
         """
-        return run_coroutine(self.astep(hidden, new_lengths, token_ids))
+        return run_coroutine(self.astep(hidden, new_lengths, token_ids), busy_wait=self.connection.poller.enabled)
 
     async def astep(self, hidden: torch.Tensor, new_lengths: list[int] | None = None,
                     token_ids: list[list[int]] | None = None) -> torch.Tensor:
