@@ -100,15 +100,14 @@ class DistributedModelForCausalLM:
                         device: str | torch.device = "cpu",
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
                         push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0,
-                        swarm_key: str | Path | None = None, busy_poll: bool | None = None) -> PreTrainedModel:
+                        swarm_key: str | Path | None = None) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
         model_name_in_swarm defaults to the folder's name, as for `swarm node`. The client's part runs on device
         in dtype; hidden states travel in dtype, which must be the nodes' dtype. allowed_nodes / blocked_nodes
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
         itself instead of nodes sending it to the next node. step_timeout and failover_deadline: see
-        InferenceSession. swarm_key: the key file of a private swarm. busy_poll: keep a core polling while steps are
-        in flight (client.remote.SwarmConnection); None turns it on for a client on a GPU.
+        InferenceSession. swarm_key: the key file of a private swarm.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -135,8 +134,7 @@ class DistributedModelForCausalLM:
         model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push,
                                  "step_timeout": step_timeout, "failover_deadline": failover_deadline}
         model._detect_layer_output_convention()
-        busy_poll = torch.device(device).type == "cuda" if busy_poll is None else busy_poll
-        model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key, busy_poll=busy_poll)
+        model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key)
         return model
 
     def _detect_layer_output_convention(self) -> None:

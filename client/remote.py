@@ -20,7 +20,6 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
 from swarm import rpc
-from swarm.busy_poll import BusyPoll
 from swarm.protocol import pack
 from swarm.records import NodeRecord, SignedRecordValidator, fetch_models, fetch_records
 from swarm.routing import Probe
@@ -30,7 +29,6 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 BAN_SECONDS, MAX_BAN_SECONDS = 5.0, 300.0
-CLIENT_POLL_LINGER = 0.005  # covers what generate does between two steps
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -58,21 +56,16 @@ def _freeze_heap() -> None:
         gc.freeze()
 
 
-def run_coroutine(coro: Coroutine[Any, Any, T], busy_wait: bool = False) -> T:
-    """Run coro on the client's event loop and wait for its result; busy_wait polls for it instead of sleeping
-    (see swarm/busy_poll.py: waking a sleeping thread cost 0.1-0.3 ms on a VM)."""
-    future = asyncio.run_coroutine_threadsafe(coro, _client_loop())
-    while busy_wait and not future.done():
-        time.sleep(0)  # hands the GIL to the loop's thread
-    return future.result()
+def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
+    """Run coro on the client's event loop and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coro, _client_loop()).result()
 
 
 class SwarmConnection:
-    """swarm_key: a private swarm's key (or its file); None for a public swarm. busy_poll: keep the client's loop
-    polling while steps are in flight (swarm/busy_poll.py): ~0.1-0.3 ms less per step, one busy core meanwhile."""
+    """swarm_key: a private swarm's key (or its file); None for a public swarm."""
 
     def __init__(self, initial_peers: Sequence[str], host: str = "127.0.0.1",
-                 swarm_key: SwarmKey | str | Path | None = None, busy_poll: bool = False):
+                 swarm_key: SwarmKey | str | Path | None = None):
         self.swarm_key = SwarmKey.load(swarm_key) if isinstance(swarm_key, (str, Path)) else swarm_key
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
@@ -80,8 +73,6 @@ class SwarmConnection:
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
-        # sessions poll the loop while their steps are in flight, and a moment after, until the next step is sent
-        self.poller = BusyPoll(CLIENT_POLL_LINGER, enabled=busy_poll)
         _freeze_heap()
 
     def ban(self, peer_id: str) -> None:

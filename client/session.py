@@ -288,7 +288,7 @@ class InferenceSession:
         other positions are padding and come back as zeros. token_ids[i] are row i's new tokens: with them
         nodes can share KV pages between sessions with a common prefix (the ids themselves are not sent).
         """
-        return run_coroutine(self.astep(hidden, new_lengths, token_ids), busy_wait=self.connection.poller.enabled)
+        return run_coroutine(self.astep(hidden, new_lengths, token_ids))
 
     async def astep(self, hidden: torch.Tensor, new_lengths: list[int] | None = None,
                     token_ids: list[list[int]] | None = None) -> torch.Tensor:
@@ -310,8 +310,7 @@ class InferenceSession:
         else:  # every position is new (decode steps): the rows are packed already; copied, as they are kept for replay
             packed = hidden.reshape(batch * width, -1).clone()
         self._add_tokens(token_ids)
-        with self.connection.poller.hold():
-            out = (await self._step(packed, new_lengths)).to(hidden.device, hidden.dtype)
+        out = (await self._step(packed, new_lengths)).to(hidden.device, hidden.dtype)
         for i, n in enumerate(new_lengths):
             self.lengths[i] += n
         await self._move_off_draining_nodes()

@@ -66,10 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="capture the decode graphs from the layers as they are, without torch.compile fusing "
                              "their small kernels first (faster start, slower decoding)")
-    parser.add_argument("--busy-poll-ms", type=float,
-                        help="keep polling for frames this long after each one instead of letting the CPU idle: "
-                             "saves ~0.1-0.3 ms per hop at the cost of a busy core while sessions step (default: "
-                             "20 on a GPU, 0 (off) on a CPU)")
     parser.add_argument("--kv-overcommit", type=float, default=2.0,
                         help="admit sessions until their declared lengths need this many times the pool's pages; "
                              "when actual use outgrows the pool, junior sessions are preempted")
@@ -120,8 +116,7 @@ def run(args: argparse.Namespace) -> None:
         throughput=args.throughput, balance_period=args.balance_period, balance_margin=args.balance_margin,
         drain_timeout=args.drain_timeout, identity_path=args.identity, announce_maddrs=announce_maddrs,
         relay_via=args.relay_via, relay=args.relay, swarm_key_path=args.swarm_key, public_name=args.public_name,
-        session_timeout=args.session_timeout, busy_poll_ms=args.busy_poll_ms, announce_period=args.announce_period,
-        metrics_port=args.metrics_port,
+        session_timeout=args.session_timeout, announce_period=args.announce_period, metrics_port=args.metrics_port,
         record_ttl=3 * args.announce_period,  # a node that vanished drops out of routing after three missed refreshes
     )
     node = Node(config)

@@ -40,7 +40,6 @@ from node.span import Span, block_bytes
 from node.throughput import Throughput, cached_estimate, model_identity, probe
 from swarm import protocol, rpc
 from swarm.balancing import better_start, choose_span
-from swarm.busy_poll import BusyPoll
 from swarm.checkpoint import load_config
 from swarm.protocol import (
     PAGE_HASH_BYTES,
@@ -117,9 +116,6 @@ class NodeConfig:
     announce_period: float = 10.0
     record_ttl: float = 30.0
     metrics_port: int | None = None  # serve Prometheus metrics at http://host:port/metrics
-    # keep the event loop polling this long after each frame (swarm/busy_poll.py); None: 20 ms on a GPU, off on a
-    # CPU, whose forward passes need every core
-    busy_poll_ms: float | None = None
 
 
 @dataclass(eq=False)
@@ -142,8 +138,6 @@ class Node:
         self.model_config = load_config(config.model_path)
         self.hidden_size: int = self.model_config.hidden_size  # read per step: a config's attributes are slow
         self.device = torch.device(config.device)
-        poll_ms = config.busy_poll_ms if config.busy_poll_ms is not None else 20.0 * (self.device.type == "cuda")
-        self.poller = BusyPoll(poll_ms / 1000, enabled=poll_ms > 0)
         self.span: Span | None = None
         self.pool: PagePool | None = None
         self.scheduler: Scheduler | None = None
@@ -437,7 +431,6 @@ class Node:
                     break
                 if frame is None:
                     break
-                self.poller.poke()
                 message = None
                 try:
                     if not self.request_rate.allow(peer):
@@ -501,7 +494,6 @@ class Node:
             return
         try:
             while (frame := await read_frame(reader)) is not None:
-                self.poller.poke()
                 try:
                     if not self.request_rate.allow(peer):
                         raise RequestError("busy", "too many pushed steps from one peer")
