@@ -95,7 +95,8 @@ def greedy(local, prompt, new_tokens: int) -> list[int]:
     tokens = []
     for _ in range(new_tokens):
         tokens.append(out.logits[0, -1].argmax().item())
-        out = local(prompt.new_tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        cache = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.24
+        out = local(prompt.new_tensor([[tokens[-1]]]), **{cache: out[cache]}, use_cache=True)
     return tokens
 
 
