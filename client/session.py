@@ -305,11 +305,11 @@ class InferenceSession:
                 raise ValueError(f"sequence {i} would reach {self.lengths[i] + n} tokens, beyond the session's "
                                  f"max_length {self.max_length}")
         padded = any(n != width for n in new_lengths)
-        # decode steps' rows are packed already; a copy on the host either way: it is sent from there and kept
-        # there for replay
-        packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)]) if padded else hidden.reshape(
-            batch * width, -1)
-        packed = packed.to("cpu", copy=True)
+        if padded:
+            packed = torch.cat([hidden[i, width - n:] for i, n in enumerate(new_lengths)])
+        else:  # every position is new (decode steps): the rows are packed already
+            packed = hidden.reshape(batch * width, -1)
+        packed = packed.to("cpu", copy=True)  # a copy on the host: sent from there, and kept there for replay
         self._add_tokens(token_ids)
         out = await self._step(packed, new_lengths)
         if hidden.is_cuda:  # from pinned memory the copy queues behind the device's work instead of waiting for it

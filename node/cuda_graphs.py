@@ -76,8 +76,8 @@ class DecodeGraphs:
         size = len(seqs)
         bucket = next(b for b in self.buckets if b >= size)
         meta, tables = DecodeBatch.host_inputs(seqs, self.pool.page_size, bucket, self.pool.scratch_page)
-        # From pinned memory the copies queue behind the device's work; from pageable memory each one waited for
-        # the device, which other processes on the GPU may hold: 0.2-0.3 ms per step on an H200 with three
+        # From pinned memory the copies queue behind the device's work; from pageable memory each one waited for the
+        # device, which other processes may hold: 0.2-0.3 ms per step on an H200 shared by two nodes and a client
         self.meta[:, :bucket].copy_(meta.pin_memory(), non_blocking=True)
         self.tables[:bucket, :tables.shape[1]].copy_(tables.pin_memory(), non_blocking=True)
         self.hidden[:size].copy_(hidden.pin_memory() if hidden.device.type == "cpu" else hidden, non_blocking=True)
