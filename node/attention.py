@@ -1,15 +1,15 @@
 """Attention over the paged KV cache, plugged into transformers' own decoder layers.
 
-Layers get a ``PagedCache`` as their cache (past_key_values/layer_past before transformers 5.24), and again as the keyword argument
-``paged_cache``, which reaches the attention function. For a ``PackedBatch`` (prefill chunks, or any batch
-on CPU) its ``update`` writes the step's keys and values into the pool and returns every key/value of the
-step's sequences, gathered densely; families that dispatch through transformers' AttentionInterface then
-call ``paged_attention`` (registered as ``ATTENTION_NAME``), which applies the packed batch's
-block-diagonal causal mask, with the layer's sliding window. Families that bypass the interface run their
-own math over the same keys/values and the full causal mask that the executor passes as attention_mask.
-For a ``DecodeBatch`` (one new token per sequence, on CUDA) nothing is gathered: ``update`` passes the new
-keys and values through, and ``paged_attention`` writes them into the pool and runs the paged decode
-kernel (node/paged_decode.py) over the pool in place.
+Layers get a ``PagedCache`` as their cache (past_key_values or layer_past before transformers 5.24), and
+again as the keyword argument ``paged_cache``, which reaches the attention function. For a ``PackedBatch``
+(prefill chunks, or any batch on CPU) its ``update`` writes the step's keys and values into the pool and
+returns every key/value of the step's sequences, gathered densely; families that dispatch through
+transformers' AttentionInterface then call ``paged_attention`` (registered as ``ATTENTION_NAME``), which
+applies the packed batch's block-diagonal causal mask, with the layer's sliding window. Families that bypass
+the interface run their own math over the same keys/values and the full causal mask that the executor passes
+as attention_mask. For a ``DecodeBatch`` (one new token per sequence, on CUDA) nothing is gathered:
+``update`` passes the new keys and values through, and ``paged_attention`` writes them into the pool and
+runs the paged decode kernel (node/paged_decode.py) over the pool in place.
 """
 
 from __future__ import annotations
