@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued-tokens-per-peer", type=int, default=65536,
                         help="tokens one client may have waiting for computation")
     parser.add_argument("--num-threads", type=int,
-                        help="torch threads for compute (default: torch's choice); lower it when several nodes "
-                             "share a machine's cores")
+                        help="torch threads for compute (default: 1 on a GPU, else torch's choice); lower it when "
+                             "several CPU nodes share a machine's cores")
     parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
     parser.add_argument("--metrics-port", type=int,
@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> None:
     logs.setup(args.log_format)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    elif args.device.startswith("cuda"):
+        # The host only packs and copies small tensors here; torch's pool of one thread per core made every copy of
+        # more than 32K elements a parallel region, and its spinning threads took ~6 cores per node (H200, 64 sessions)
+        torch.set_num_threads(1)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     announce_maddrs = list(args.announce_maddrs)
     if args.public_ip:

@@ -46,6 +46,13 @@ class DecodeGraphs:
         self.meta = meta.to(device)  # positions, write slots, lengths
         self.tables = torch.full((largest, pool.pages_for(max_length)), pool.scratch_page, dtype=torch.int32,
                                  device=device)
+        # Their host side: a step's inputs go up from pinned memory, which queues the copies behind the device's
+        # work, where from pageable memory each copy waited for the device (0.2-0.3 ms per step on an H200 that two
+        # nodes and a client share). Fixed buffers, because pinning each step's tensors anew took 24-40% of a node's
+        # event loop at 64 sessions (py-spy, H200, torch's default thread pool).
+        self.host = {name: torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+                     for name, t in (("meta", self.meta), ("tables", self.tables), ("hidden", self.hidden))}
+        self.uploaded = torch.cuda.Event()  # recorded after a step's copies: the host buffers are free again
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         began = time.perf_counter()
@@ -76,10 +83,16 @@ class DecodeGraphs:
         size = len(seqs)
         bucket = next(b for b in self.buckets if b >= size)
         meta, tables = DecodeBatch.host_inputs(seqs, self.pool.page_size, bucket, self.pool.scratch_page)
-        # From pinned memory the copies queue behind the device's work; from pageable memory each one waited for the
-        # device, which other processes may hold: 0.2-0.3 ms per step on an H200 shared by two nodes and a client
-        self.meta[:, :bucket].copy_(meta.pin_memory(), non_blocking=True)
-        self.tables[:bucket, :tables.shape[1]].copy_(tables.pin_memory(), non_blocking=True)
-        self.hidden[:size].copy_(hidden.pin_memory() if hidden.device.type == "cpu" else hidden, non_blocking=True)
+        self.uploaded.synchronize()  # the previous step's copies are done (long since, when its outputs came back)
+        self._upload(self.meta[:, :bucket], meta, "meta")
+        self._upload(self.tables[:bucket, :tables.shape[1]], tables, "tables")
+        self._upload(self.hidden[:size], hidden, "hidden")
+        self.uploaded.record()
         self.graphs[bucket].replay()
         return self.outputs[bucket][:size].clone()
+
+    def _upload(self, target: torch.Tensor, values: torch.Tensor, name: str) -> None:
+        """target.copy_(values) without waiting for the device: host values go through the pinned buffer."""
+        if values.device.type == "cpu":
+            values = self.host[name][:values.numel()].view(values.shape).copy_(values)
+        target.copy_(values, non_blocking=True)
