@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 GAUGES = {  # scheduler figure -> (metric name, help)
@@ -60,6 +60,7 @@ async def serve_metrics(collector: NodeCollector, host: str, port: int) -> web.A
     """Serve GET /metrics on host:port; stop it with `await runner.cleanup()`."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, open files: what the host spends
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -455,7 +455,7 @@ class Node:
                     elif message["type"] == "stats":
                         reply = pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start,
                                      end=self.end, state=self.state.value, throughput=self.throughput.decode,
-                                     chains=self._chains())
+                                     cpu_s=time.process_time(), chains=self._chains())
                     elif message["type"] == "close":
                         break
                     else:

@@ -44,6 +44,7 @@ def test_metrics_show_sessions_pages_and_tokens_move_during_generation(tiny_mode
     assert first["swarm_node_kv_pages_free"] > second["swarm_node_kv_pages_free"]
     assert second["swarm_node_tokens_total"] - first["swarm_node_tokens_total"] == 10
     assert second["swarm_node_tokens_per_second"] > 0
+    assert second["process_cpu_seconds_total"] > first["process_cpu_seconds_total"] > 0
     assert closed["swarm_node_sessions"] == 0 and closed["swarm_node_kv_pages_used"] < second["swarm_node_kv_pages_used"]
 
     # --log-format json: the node's own log lines are JSON objects

@@ -130,11 +130,11 @@ class HeadBatcher:
 
 
 async def node_counters(model) -> dict[str, float]:
-    """Forward passes, tokens and forward seconds summed over the nodes; and how many nodes."""
+    """Forward passes, tokens, forward seconds and CPU seconds summed over the nodes; and how many nodes."""
     records = await model.connection.records(model.swarm_model_name)
     stats = [await model.connection.node_stats(r.peer_id) for r in records]
     return {"nodes": len(stats), **{key: sum(s.get(key, 0) for s in stats)
-                                    for key in ("forwards", "batched_tokens", "forward_s")}}
+                                    for key in ("forwards", "batched_tokens", "forward_s", "cpu_s")}}
 
 
 async def decode_sessions(model, sessions: int, context: int, new_tokens: int, seed: int, ready, go) -> tuple[float, float]:
@@ -183,8 +183,8 @@ def client_process(model_path: Path, initial_peers: list[str], sessions: int, co
 
 def aggregate_tokens_per_s(model, model_path: Path, initial_peers: list[str], sessions: int, processes: int,
                            context: int, new_tokens: int) -> tuple[float, dict]:
-    """Decode tokens/s of concurrent sessions spread over client processes; and the nodes' mean decode batch
-    and the share of the time a node spent in forward passes."""
+    """Decode tokens/s of concurrent sessions spread over client processes; and the nodes' mean decode batch,
+    the share of the time a node spent in forward passes and the CPU cores a node kept busy (its host work)."""
     import multiprocessing
 
     from client.remote import run_coroutine
@@ -208,7 +208,8 @@ def aggregate_tokens_per_s(model, model_path: Path, initial_peers: list[str], se
     forwards = after["forwards"] - before["forwards"]
     return sessions * new_tokens / elapsed, {
         "mean_batch": round((after["batched_tokens"] - before["batched_tokens"]) / forwards, 1),
-        "node_busy": round((after["forward_s"] - before["forward_s"]) / after["nodes"] / elapsed, 2)}
+        "node_busy": round((after["forward_s"] - before["forward_s"]) / after["nodes"] / elapsed, 2),
+        "node_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / after["nodes"] / elapsed, 2)}
 
 
 def main() -> None:
