@@ -137,9 +137,11 @@ async def node_counters(model) -> dict[str, float]:
                                     for key in ("forwards", "batched_tokens", "forward_s", "cpu_s")}}
 
 
-async def decode_sessions(model, sessions: int, context: int, new_tokens: int, seed: int, ready, go) -> tuple[float, float]:
+async def decode_sessions(model, sessions: int, context: int, new_tokens: int, seed: int, ready,
+                          go) -> tuple[float, float, float]:
     """Open and prefill sessions (random prompts), wait at the barriers, then decode new_tokens greedy tokens
-    in each; returns when decoding began and ended (time.monotonic, comparable between processes)."""
+    in each; returns when decoding began and ended (time.monotonic, comparable between processes) and the
+    CPU seconds this process spent meanwhile."""
     from client.session import InferenceSession
 
     batcher = HeadBatcher(model)
@@ -164,10 +166,10 @@ async def decode_sessions(model, sessions: int, context: int, new_tokens: int, s
     await asyncio.gather(*(event.wait() for event in prefilled))
     await asyncio.to_thread(ready.wait)
     await asyncio.to_thread(go.wait)
-    began = time.monotonic()
+    began, cpu = time.monotonic(), time.process_time()
     started.set()
     await asyncio.gather(*tasks)
-    return began, max(done)
+    return began, max(done), time.process_time() - cpu
 
 
 def client_process(model_path: Path, initial_peers: list[str], sessions: int, context: int, new_tokens: int,
@@ -184,7 +186,8 @@ def client_process(model_path: Path, initial_peers: list[str], sessions: int, co
 def aggregate_tokens_per_s(model, model_path: Path, initial_peers: list[str], sessions: int, processes: int,
                            context: int, new_tokens: int) -> tuple[float, dict]:
     """Decode tokens/s of concurrent sessions spread over client processes; and the nodes' mean decode batch,
-    the share of the time a node spent in forward passes and the CPU cores a node kept busy (its host work)."""
+    the share of the time a node spent in forward passes, and the CPU cores a node and a client process kept
+    busy."""
     import multiprocessing
 
     from client.remote import run_coroutine
@@ -204,12 +207,13 @@ def aggregate_tokens_per_s(model, model_path: Path, initial_peers: list[str], se
     for worker in workers:
         worker.join()
     after = run_coroutine(node_counters(model))
-    elapsed = max(end for _, end in spans) - min(began for began, _ in spans)
+    elapsed = max(end for _, end, _ in spans) - min(began for began, _, _ in spans)
     forwards = after["forwards"] - before["forwards"]
     return sessions * new_tokens / elapsed, {
         "mean_batch": round((after["batched_tokens"] - before["batched_tokens"]) / forwards, 1),
         "node_busy": round((after["forward_s"] - before["forward_s"]) / after["nodes"] / elapsed, 2),
-        "node_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / after["nodes"] / elapsed, 2)}
+        "node_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / after["nodes"] / elapsed, 2),
+        "client_cpu_cores": round(sum(cpu for _, _, cpu in spans) / processes / elapsed, 2)}
 
 
 def main() -> None:
