@@ -76,8 +76,10 @@ async def chaos_loop(swarm: LocalSwarm, model_path: Path, deadline: float, inter
     restarts, victims = [], set()
     while time.monotonic() + interval < deadline:
         await asyncio.sleep(interval)
-        victim = rng.choice([p for p in swarm.processes
-                             if hasattr(p, "span") and p.poll() is None and p not in victims])
+        alive = [p for p in swarm.processes if hasattr(p, "span") and p.poll() is None and p not in victims]
+        if not alive:  # every node is down or on its way out; replacements are still starting
+            continue
+        victim = rng.choice(alive)
         victims.add(victim)
         if rng.random() < 0.5:
             swarm.kill(victim)
