@@ -49,9 +49,8 @@ class Network:
         ip("link", "set", "lo", "up", netns=netns)
         return netns
 
-    def link(self, a: str, a_address: str, b: str, b_address: str, rate: str | None = None) -> None:
-        """A veth pair between namespaces a and b with these addresses (CIDR); rate (e.g. "200kbit") shapes
-        both directions with tbf."""
+    def link(self, a: str, a_address: str, b: str, b_address: str) -> None:
+        """A veth pair between namespaces a and b with these addresses (CIDR)."""
         pair = f"v{self.tag}{uuid.uuid4().hex[:4]}"  # interface names have at most 15 characters
         end_a, end_b = pair + "a", pair + "b"
         ip("link", "add", end_a, "type", "veth", "peer", "name", end_b)
@@ -59,12 +58,11 @@ class Network:
             ip("link", "set", end, "netns", netns)
             ip("addr", "add", address, "dev", end, netns=netns)
             ip("link", "set", end, "up", netns=netns)
-            if rate:
-                subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", end, "root", "tbf",
-                                "rate", rate, "burst", "32kbit", "latency", "400ms"], check=True, capture_output=True)
 
     def bridge(self, netns: str, hosts: dict[str, str], rates: dict[str, str] | None = None) -> None:
-        """A switch in netns joining hosts {namespace: address/CIDR}; rates shape a host's port."""
+        """A switch in netns joining hosts {namespace: address/CIDR}; rates shape a host's port with tbf. Its
+        bucket holds one packet: a larger burst lets small messages (pings) through at line rate, so a slow link
+        would look fast to the round trips routing goes by."""
         ip("link", "add", "br0", "type", "bridge", netns=netns)
         ip("link", "set", "br0", "up", netns=netns)
         for i, (host, address) in enumerate(hosts.items()):
@@ -80,7 +78,7 @@ class Network:
             if rate:  # both directions: the host's egress and the switch port's egress towards it
                 for ns, dev in ((host, end), (netns, port)):
                     subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                                    "rate", rate, "burst", "32kbit", "latency", "400ms"],
+                                    "rate", rate, "burst", "1600", "latency", "400ms"],
                                    check=True, capture_output=True)
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ def test_the_client_routes_around_a_slow_link(tiny_model, tmp_path):
         hub, boot, client, fast, slow, tail = (network.host(name) for name in
                                                ("hub", "boot", "client", "fast", "slow", "tail"))
         address = {boot: "11.78.0.1", client: "11.78.0.2", fast: "11.78.0.3", slow: "11.78.0.4", tail: "11.78.0.5"}
-        network.bridge(hub, {ns: f"{a}/24" for ns, a in address.items()}, rates={slow: "400kbit"})
+        network.bridge(hub, {ns: f"{a}/24" for ns, a in address.items()}, rates={slow: "100kbit"})
         swarm.start_bootstrap("--host", address[boot], netns=boot)
         same = ["--throughput", "100", "--announce-period", "2"]
         [fast_node] = swarm.start_nodes(path, [(0, 2)], "--host", address[fast], *same, netns=fast)
