@@ -100,14 +100,15 @@ class DistributedModelForCausalLM:
                         device: str | torch.device = "cpu",
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
                         push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0,
-                        swarm_key: str | Path | None = None) -> PreTrainedModel:
+                        compress: bool = False, swarm_key: str | Path | None = None) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
         model_name_in_swarm defaults to the folder's name, as for `swarm node`. The client's part runs on device
         in dtype; hidden states travel in dtype, which must be the nodes' dtype. allowed_nodes / blocked_nodes
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
-        itself instead of nodes sending it to the next node. step_timeout and failover_deadline: see
-        InferenceSession. swarm_key: the key file of a private swarm.
+        itself instead of nodes sending it to the next node. step_timeout, failover_deadline and compress
+        (hidden states compressed losslessly, for slow links): see InferenceSession. swarm_key: the key file
+        of a private swarm.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -132,7 +133,8 @@ class DistributedModelForCausalLM:
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         model.swarm_model_name = model_name_in_swarm or model_name(path)
         model.session_options = {"allowed_nodes": allowed_nodes, "blocked_nodes": blocked_nodes, "push": push,
-                                 "step_timeout": step_timeout, "failover_deadline": failover_deadline}
+                                 "step_timeout": step_timeout, "failover_deadline": failover_deadline,
+                                 "compress": compress}
         model._detect_layer_output_convention()
         model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key)
         return model

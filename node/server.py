@@ -124,6 +124,7 @@ class ClientStream:
 
     session: Session
     writer: asyncio.StreamWriter
+    compress: bool  # the client asked for compressed tensors (a slow link): replies and pushes are compressed
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or a push
     next_hop: tuple[str, str] | None = None  # (peer id, session id) this session's outputs were pushed to last
     last_active: float = field(default_factory=time.monotonic)
@@ -446,9 +447,12 @@ class Node:
                     if message["type"] == "open":
                         if stream is not None:
                             raise RequestError("bad_request", "this stream already has an open session")
+                        compress = message.get("compress", False)
+                        if not isinstance(compress, bool):
+                            raise RequestError("bad_request", f"compress must be true or false, got {compress!r}")
                         session = self._new_session(message, peer)
                         queued = await self._admit(session)
-                        stream = self.streams[session.id] = ClientStream(session, writer)
+                        stream = self.streams[session.id] = ClientStream(session, writer, compress)
                         reply = pack("opened", session=session.id, max_length=session.max_length, queued_s=queued)
                     elif message["type"] == "ping":
                         reply = pack("pong", state=self.state.value, **self._load())
@@ -518,7 +522,7 @@ class Node:
             try:
                 chain = self._push_chain(message.get("push"))
                 out = await self._step(session, message)
-                encoded = encode_tensor(out)
+                encoded = encode_tensor(out, stream.compress)
                 pushed = bool(chain) and await self._push(stream, chain, out, encoded, message["lengths"])
                 reply = pack("output", session=session.id, hidden=encoded, pushed=pushed,
                              draining=self.state == NodeState.DRAINING)
@@ -545,7 +549,7 @@ class Node:
         sent (the client then sends it)."""
         target, rest = chain[0], chain[1:]
         dtype = protocol.DTYPES[target["dtype"]]
-        hidden = encoded if dtype == out.dtype else encode_tensor(out.to(dtype))
+        hidden = encoded if dtype == out.dtype else encode_tensor(out.to(dtype), stream.compress)
         frame = pack("step", session=target["session"], lengths=lengths, page_hashes=target.get("page_hashes"),
                      hidden=hidden, push=rest or None)
         peer = target["peer"]

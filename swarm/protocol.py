@@ -4,6 +4,13 @@ Every frame is a msgpack map with the protocol version ``v`` and a message ``typ
 as ``{"dtype": str, "shape": [..], "data": bytes}`` so that bf16/fp16 stay native and a peer can check
 the declared size before touching the bytes. This module knows nothing about torch modules, only
 about tensors as raw buffers.
+
+Sessions on slow links may compress their tensors, losslessly, so outputs stay exactly those of an
+uncompressed session. A compressed tensor adds ``"top_zlib": n``: the first n bytes of data are the
+zlib stream of every element's most significant byte (sign and exponent bits, which repeat a few values
+across hidden states), the rest are the other bytes of each element, in order. The mantissa bytes are
+noise to zlib, so they are left out of it: bf16 hidden states shrink by ~28% (fp16 and float32 by ~14%)
+at ~3x the speed of compressing them whole (scripts/bench/compression.py).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import hashlib
 import math
 import struct
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,18 +55,26 @@ class ProtocolError(ValueError):
     """A peer sent a frame that does not follow the protocol."""
 
 
-def encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+def encode_tensor(tensor: torch.Tensor, compress: bool = False) -> dict[str, Any]:
     if tensor.dtype not in DTYPE_NAMES:
         raise ProtocolError(f"unsupported tensor dtype {tensor.dtype}")
     tensor = tensor.detach().contiguous().cpu()
-    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-    return {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data": data}
+    encoded = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+    if not tensor.numel():
+        return {**encoded, "data": b""}
+    elements = tensor.reshape(-1).view(torch.uint8).numpy().reshape(tensor.numel(), tensor.element_size())
+    if not compress:
+        return {**encoded, "data": elements.tobytes()}
+    # level 1: higher levels took 6x as long for 2% less (bf16 hidden states)
+    top = zlib.compress(elements[:, -1].tobytes(), 1)  # little-endian: the last byte holds sign and exponent
+    return {**encoded, "data": top + elements[:, :-1].tobytes(), "top_zlib": len(top)}
 
 
 def decode_tensor(obj: Any) -> torch.Tensor:
     """Rebuild a tensor, checking that the declared dtype and shape match the bytes exactly."""
-    if not isinstance(obj, dict) or obj.keys() != {"dtype", "shape", "data"}:
-        raise ProtocolError("a tensor must be a map with exactly dtype, shape and data")
+    if not isinstance(obj, dict) or not {"dtype", "shape", "data"} <= obj.keys() <= {"dtype", "shape", "data",
+                                                                                    "top_zlib"}:
+        raise ProtocolError("a tensor must be a map with exactly dtype, shape and data (and top_zlib if compressed)")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if dtype not in DTYPES:
         raise ProtocolError(f"unsupported tensor dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -68,12 +84,36 @@ def decode_tensor(obj: Any) -> torch.Tensor:
         raise ProtocolError("tensor data must be bytes")
     torch_dtype = DTYPES[dtype]
     numel = math.prod(shape)
+    if "top_zlib" in obj:
+        data = _decompress(data, obj["top_zlib"], numel, torch_dtype.itemsize)
     if numel * torch_dtype.itemsize != len(data):
         raise ProtocolError(f"tensor of shape {shape} and dtype {dtype} needs {numel * torch_dtype.itemsize} bytes, "
                             f"got {len(data)}")
     if numel == 0:
         return torch.empty(shape, dtype=torch_dtype)
     return torch.frombuffer(bytearray(data), dtype=torch_dtype).view(shape)
+
+
+def _decompress(data: bytes, top_length: Any, numel: int, itemsize: int) -> bytes:
+    """The raw bytes of a compressed tensor. The zlib stream may inflate to no more than the declared elements'
+    top bytes, so a small frame cannot make the node allocate much more than the frame's size."""
+    if type(top_length) is not int or not 0 < top_length <= len(data):
+        raise ProtocolError(f"top_zlib must count the bytes of the zlib stream within data, got {top_length!r}")
+    rest = data[top_length:]
+    if numel * (itemsize - 1) != len(rest):
+        raise ProtocolError(f"compressed tensor of {numel} elements needs {numel * (itemsize - 1)} bytes after its "
+                            f"zlib stream, got {len(rest)}")
+    stream = zlib.decompressobj()
+    try:
+        top = stream.decompress(data[:top_length], numel)
+    except zlib.error as e:
+        raise ProtocolError(f"tensor's zlib stream is corrupt: {e}") from None
+    if len(top) != numel or not stream.eof or stream.unconsumed_tail or stream.unused_data:
+        raise ProtocolError(f"tensor's zlib stream must hold exactly its {numel} elements' top bytes")
+    elements = np.empty((numel, itemsize), dtype=np.uint8)
+    elements[:, -1] = np.frombuffer(top, dtype=np.uint8)
+    elements[:, :-1] = np.frombuffer(rest, dtype=np.uint8).reshape(numel, itemsize - 1)
+    return elements.tobytes()
 
 
 _EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80)}  # numpy has no bfloat16: its bits, and the exponent's mask

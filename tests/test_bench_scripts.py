@@ -32,6 +32,13 @@ def test_push_bench_prints_one_json_line():
     assert figures["per_hop_overhead_ms"] > 0
 
 
+def test_compression_bench_prints_one_json_line():
+    figures = run_script(BENCH / "compression.py", "--hidden-size", "256", "--tokens", "1", "64", "--repeats", "2")
+    results = figures["results"]
+    assert set(results) == {f"{dtype}/{tokens}" for dtype in ("float32", "float16", "bfloat16") for tokens in (1, 64)}
+    assert all(0 < r["compressed_fraction"] < 1 and r["break_even_mbit_s"] > 0 for r in results.values())
+
+
 def test_failover_bench_prints_one_json_line():
     figures = run_script(BENCH / "failover.py", "--context", "300", "--rounds", "2")
     assert figures["failovers"] == 2 and len(figures["kill_to_next_token_s"]) == 2

@@ -11,6 +11,8 @@ from client import DistributedModelForCausalLM, status
 from client.remote import run_coroutine
 from client.session import InferenceSession
 from conftest import assert_same_tokens
+from swarm import protocol
+from swarm.protocol import decode_tensor, encode_tensor, pack, read_frame, write_frame
 from swarm.records import NodeState
 
 FAST = ["--announce-period", "1"]  # records refresh every second and expire after three
@@ -35,6 +37,20 @@ def coverage(records, num_blocks):
     return [sum(r.start <= b < r.end for r in online) for b in range(num_blocks)]
 
 
+async def compressed_step(connection, record, hidden: torch.Tensor) -> dict:
+    """One prefill step of a compressed session on its own stream; the node's raw reply."""
+    reader, writer = await connection.open_stream(record.peer_id, protocol.INFERENCE_HANDLER)
+    try:
+        await write_frame(writer, pack("open", max_length=16, batch_size=1, start=record.start, end=record.end,
+                                       compress=True))
+        session = protocol.unpack(await read_frame(reader))["session"]
+        await write_frame(writer, pack("step", session=session, lengths=[hidden.shape[0]],
+                                       hidden=encode_tensor(hidden, compress=True)))
+        return protocol.unpack(await read_frame(reader))
+    finally:
+        writer.close()
+
+
 def test_push_chain_generates_exactly_and_the_client_keeps_every_span_input(tiny_model, local_swarm, capsys):
     path = tiny_model("llama")
     local_swarm.start_nodes(path, [(0, 2), (2, 3), (3, 4)], "--throughput", "100")
@@ -56,6 +72,11 @@ def test_push_chain_generates_exactly_and_the_client_keeps_every_span_input(tiny
                 local(ids)
             hook.remove()
             torch.testing.assert_close(prompt_in, captured["h"][0], rtol=1e-4, atol=1e-4)
+            # a compressed session's node replies compressed, with the same outputs
+            reply = run_coroutine(compressed_step(model.connection, session.spans[0].hop.node,
+                                                  local.model.embed_tokens(ids)[0].detach()))
+            assert "top_zlib" in reply["hidden"]
+            torch.testing.assert_close(decode_tensor(reply["hidden"]), captured["h"][0], rtol=1e-4, atol=1e-4)
             # each node shows the session's chain: where its outputs went
             first, second = (run_coroutine(model.connection.node_stats(s.hop.node.peer_id)) for s in session.spans[:2])
             [link] = first["chains"]
@@ -68,8 +89,13 @@ def test_push_chain_generates_exactly_and_the_client_keeps_every_span_input(tiny
             assert f"{labels[0]}[0:2] -> {labels[1]}[2:3] -> {labels[2]}[3:4]" in shown, shown
         model.session_options["push"] = False
         carried = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.session_options["compress"] = True  # lossless on every link: the same tokens, carried or pushed
+        compressed_carried = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.session_options["push"] = True
+        compressed_pushed = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert_same_tokens(pushed, expected, local)
     assert torch.equal(pushed, carried)
+    assert torch.equal(pushed, compressed_carried) and torch.equal(pushed, compressed_pushed)
 
 
 def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, local_swarm):

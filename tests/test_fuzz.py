@@ -39,6 +39,16 @@ def tensors(draw):
         values = torch.randn(numel).to(protocol.DTYPES[dtype])
         if draw(st.booleans()):
             values[draw(st.integers(0, numel - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -1e30]))
+        if draw(st.booleans()):  # compressed, maybe with a corrupted or lying stream length
+            encoded = protocol.encode_tensor(values.view(shape), compress=True)
+            # draws with fixed bounds: the values (and so the lengths) differ between runs of an example
+            if draw(st.booleans()):
+                encoded["top_zlib"] = draw(st.integers(-1, 2**16) | anything)
+            if draw(st.booleans()):
+                data = bytearray(encoded["data"])
+                data[draw(st.integers(0, 2**16)) % len(data)] ^= 0xFF
+                encoded["data"] = bytes(data)
+            return encoded
         data = values.view(torch.uint8).numpy().tobytes()
     else:
         data = draw(st.binary(max_size=256))
@@ -58,6 +68,7 @@ def messages(draw):
                            ("hidden", tensors()), ("max_length", st.integers(-5, 2**40)),
                            ("batch_size", st.integers(-1, 100)), ("start", st.integers(-2, 6)), ("end", st.integers(-2, 6)),
                            ("priority", st.sampled_from(["interactive", "batch", "urgent"])),
+                           ("compress", st.booleans()),
                            ("page_hashes", st.lists(st.lists(st.binary(min_size=16, max_size=16), max_size=2), max_size=2)),
                            ("push", st.lists(st.fixed_dictionaries({"peer": st.text(max_size=60), "session": st.text(),
                                                                     "dtype": dtypes}), max_size=2))]:

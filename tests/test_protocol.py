@@ -1,4 +1,5 @@
 import asyncio
+import zlib
 
 import msgpack
 import pytest
@@ -13,6 +14,49 @@ def test_tensor_round_trip_keeps_dtype_and_bits(dtype):
     tensor = torch.randn(3, 5).to(dtype)
     decoded = decode_tensor(msgpack.unpackb(msgpack.packb(encode_tensor(tensor))))
     assert decoded.dtype == dtype and torch.equal(decoded, tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compressed_tensors_keep_every_bit(dtype):
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3.5e38, 65504.0, 1e-7])
+    tensor = torch.cat([torch.randn(4088), special]).to(dtype).view(-1, 8)
+    encoded = encode_tensor(tensor, compress=True)
+    decoded = decode_tensor(msgpack.unpackb(msgpack.packb(encoded)))
+    assert decoded.dtype == dtype and torch.equal(decoded.view(torch.uint8), tensor.view(torch.uint8))
+    scalar = torch.tensor(2.5, dtype=dtype)
+    assert all(torch.equal(decode_tensor(encode_tensor(scalar, compress)), scalar) for compress in (False, True))
+
+
+def test_compression_shrinks_bf16_hidden_states():
+    hidden = torch.randn(256, 1024).to(torch.bfloat16)
+    assert len(encode_tensor(hidden, compress=True)["data"]) < 0.8 * len(encode_tensor(hidden)["data"])
+
+
+def compressed(tensor: torch.Tensor, **changes) -> dict:
+    return {**encode_tensor(tensor, compress=True), **changes}
+
+
+BF16 = torch.randn(16).to(torch.bfloat16)
+TOP = zlib.compress(BF16.view(torch.uint8).numpy()[1::2].tobytes())
+LOW = BF16.view(torch.uint8).numpy()[0::2].tobytes()
+BOMB = zlib.compress(bytes(10**7), 9)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (compressed(BF16, top_zlib="9"), "top_zlib must count"),
+    (compressed(BF16, top_zlib=0), "top_zlib must count"),
+    (compressed(BF16, top_zlib=10**6), "top_zlib must count"),
+    (compressed(BF16, shape=[17]), "needs 17 bytes after its zlib stream"),
+    ({"dtype": "bfloat16", "shape": [16], "data": b"\x78garbage!" + LOW, "top_zlib": 9}, "corrupt"),
+    ({"dtype": "bfloat16", "shape": [16], "data": TOP + b"x" + LOW, "top_zlib": len(TOP) + 1}, "exactly"),  # trailing
+    ({"dtype": "bfloat16", "shape": [16], "data": TOP[:-3] + LOW, "top_zlib": len(TOP) - 3}, "exactly"),  # cut short
+    # 10 KB that inflate to 10 MB: refused after inflating no more than the declared 16 bytes
+    ({"dtype": "bfloat16", "shape": [16], "data": BOMB + LOW, "top_zlib": len(BOMB)}, "exactly"),
+    ({"dtype": "float32", "shape": [1], "data": b"\0" * 4, "top_zlib": 1, "extra": 1}, "exactly dtype"),
+])
+def test_bad_compressed_tensors_are_refused_with_a_reason(bad, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode_tensor(bad)
 
 
 @pytest.mark.parametrize("bad, reason", [
