@@ -1,4 +1,5 @@
-"""Network namespaces for multi-host tests on one machine: each host a namespace, joined by veth links.
+"""Network namespaces for multi-host runs on one machine (tests, benchmarks): each host a namespace, joined
+by veth links.
 
 Addresses are 11.x.y.z: go-libp2p does not build relay (circuit) addresses through relays on private
 addresses, and these namespaces reach nothing outside themselves anyway.
