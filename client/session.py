@@ -20,7 +20,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 
 from client.remote import SwarmConnection, run_coroutine
 from swarm import protocol
-from swarm.protocol import ProtocolError, decode_tensor, encode_tensor, pack, read_frame, write_frame
+from swarm.protocol import ProtocolError, decode_tensor_async, encode_tensor_async, pack, read_frame, write_frame
 from swarm.records import NodeState
 from swarm.routing import Hop, MissingBlocksError, RoutingError, plan_route
 
@@ -124,7 +124,8 @@ class SpanSession:
                 raise ConnectionError("the stream is closed")
             await write_frame(self.writer, pack("step", session=self.session_id, lengths=lengths,
                                                 page_hashes=page_hashes, push=push,
-                                                hidden=encode_tensor(hidden.to(self.wire_dtype), self.compress)))
+                                                hidden=await encode_tensor_async(hidden.to(self.wire_dtype),
+                                                                                 self.compress)))
         except (ConnectionError, OSError, RuntimeError) as e:  # RuntimeError: asyncio's "handler is closed"
             raise await self._why_closed(e) from e
 
@@ -142,7 +143,7 @@ class SpanSession:
     async def receive(self, tokens: int) -> tuple[torch.Tensor, bool]:
         """The output of this span's next step of `tokens` rows, and whether the node pushed it on."""
         reply = await self._reply(self.timeout(tokens))
-        return decode_tensor(reply["hidden"]), reply.get("pushed", False)
+        return await decode_tensor_async(reply["hidden"]), reply.get("pushed", False)
 
     async def step(self, hidden: torch.Tensor, lengths: list[int],
                    page_hashes: list[list[bytes]] | None = None) -> torch.Tensor:

@@ -45,8 +45,8 @@ from swarm.protocol import (
     PAGE_HASH_BYTES,
     ProtocolError,
     all_finite,
-    decode_tensor,
-    encode_tensor,
+    decode_tensor_async,
+    encode_tensor_async,
     error_frame,
     pack,
     read_frame,
@@ -522,7 +522,7 @@ class Node:
             try:
                 chain = self._push_chain(message.get("push"))
                 out = await self._step(session, message)
-                encoded = encode_tensor(out, stream.compress)
+                encoded = await encode_tensor_async(out, stream.compress)
                 pushed = bool(chain) and await self._push(stream, chain, out, encoded, message["lengths"])
                 reply = pack("output", session=session.id, hidden=encoded, pushed=pushed,
                              draining=self.state == NodeState.DRAINING)
@@ -549,7 +549,7 @@ class Node:
         sent (the client then sends it)."""
         target, rest = chain[0], chain[1:]
         dtype = protocol.DTYPES[target["dtype"]]
-        hidden = encoded if dtype == out.dtype else encode_tensor(out.to(dtype), stream.compress)
+        hidden = encoded if dtype == out.dtype else await encode_tensor_async(out.to(dtype), stream.compress)
         frame = pack("step", session=target["session"], lengths=lengths, page_hashes=target.get("page_hashes"),
                      hidden=hidden, push=rest or None)
         peer = target["peer"]
@@ -624,7 +624,7 @@ class Node:
         if (not isinstance(lengths, list) or len(lengths) != len(session.seqs)
                 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths)):
             raise RequestError("bad_request", f"lengths must list {len(session.seqs)} non-negative integers")
-        hidden = decode_tensor(message.get("hidden"))
+        hidden = await decode_tensor_async(message.get("hidden"))
         expected_dtype = protocol.DTYPE_NAMES[self.config.dtype]
         if message["hidden"]["dtype"] != expected_dtype:
             raise RequestError("bad_tensor", f"hidden states must be {expected_dtype}, got {message['hidden']['dtype']}")

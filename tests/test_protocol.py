@@ -27,6 +27,16 @@ def test_compressed_tensors_keep_every_bit(dtype):
     assert all(torch.equal(decode_tensor(encode_tensor(scalar, compress)), scalar) for compress in (False, True))
 
 
+@pytest.mark.parametrize("rows", [1, 64])  # 64 rows of 4096 bf16 are above THREAD_BYTES: (de)compressed in a thread
+def test_async_coding_round_trips_compressed_tensors(rows):
+    tensor = torch.randn(rows, 4096).to(torch.bfloat16)
+    assert (rows * 4096 * 2 > protocol.THREAD_BYTES) == (rows == 64)
+
+    async def round_trip():
+        return await protocol.decode_tensor_async(await protocol.encode_tensor_async(tensor, compress=True))
+    assert torch.equal(asyncio.run(round_trip()), tensor)
+
+
 def test_compression_shrinks_bf16_hidden_states():
     hidden = torch.randn(256, 1024).to(torch.bfloat16)
     assert len(encode_tensor(hidden, compress=True)["data"]) < 0.8 * len(encode_tensor(hidden)["data"])
