@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from swarm import bootstrap
+# name: (help, module, its function that adds the command's arguments, its function that runs it)
+COMMANDS = {
+    "node": ("serve a span of a model's blocks", "node.cli", "add_arguments", "run"),
+    "bootstrap": ("start a DHT-only peer that others join through", "swarm.bootstrap", "add_arguments", "run"),
+    "status": ("show the models served, their nodes, block coverage and sessions", "client.status", "add_arguments",
+               "run"),
+    "generate": ("continue a prompt through the swarm, streaming the text", "client.cli", "add_generate_arguments",
+                 "generate"),
+    "chat": ("chat with a model in the swarm from the terminal", "client.cli", "add_chat_arguments", "chat"),
+    "api": ("serve an OpenAI-compatible HTTP API backed by the swarm", "client.api", "add_arguments", "run"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from client import api, status
-    from client import cli as client_cli
-    from node import cli as node_cli
-
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="swarm", description="Serve and use language models from a swarm of nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help, add_arguments, run in [
-        ("node", "serve a span of a model's blocks", node_cli.add_arguments, node_cli.run),
-        ("bootstrap", "start a DHT-only peer that others join through", bootstrap.add_arguments, bootstrap.run),
-        ("status", "show the models served, their nodes, block coverage and sessions", status.add_arguments, status.run),
-        ("generate", "continue a prompt through the swarm, streaming the text", client_cli.add_generate_arguments,
-         client_cli.generate),
-        ("chat", "chat with a model in the swarm from the terminal", client_cli.add_chat_arguments, client_cli.chat),
-        ("api", "serve an OpenAI-compatible HTTP API backed by the swarm", api.add_arguments, api.run),
-    ]:
+    for name, (help, module_name, add_arguments, run) in COMMANDS.items():
         command = commands.add_parser(name, help=help)
-        add_arguments(command)
-        command.set_defaults(run=run)
+        if argv and argv[0] == name:  # only the command that runs is imported: each pulls in seconds of imports
+            module = importlib.import_module(module_name)
+            getattr(module, add_arguments)(command)
+            command.set_defaults(run=getattr(module, run))
     args = parser.parse_args(argv)
     try:
         args.run(args)

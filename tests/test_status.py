@@ -22,20 +22,18 @@ def test_status_json_shows_spans_coverage_and_gaps_of_every_model(tiny_model, lo
     nodes = local_swarm.start_nodes(tiny_model("llama"), [(0, 2), (1, 3)], "--throughput", "50", "--model-name", llama)
     [qwen_node] = local_swarm.start_nodes(tiny_model("qwen3"), [(0, 4)], "--throughput", "20", "--model-name", qwen)
 
-    view = json.loads(status(local_swarm.initial_peers, llama, "--json"))
+    # without a model name: every model the swarm serves
+    view = json.loads(status(local_swarm.initial_peers, "--json"))
     assert view["models"][llama] == 4 and view["models"][qwen] == 4
-    [swarm] = view["swarms"]
-    assert swarm["model"] == llama and swarm["num_blocks"] == 4
+    by_model = {s["model"]: s for s in view["swarms"]}
+    assert set(by_model) >= {llama, qwen}
+    swarm = by_model[llama]
+    assert swarm["num_blocks"] == 4
     spans = {n["peer_id"]: (n["start"], n["end"], n["state"]) for n in swarm["nodes"]}
     assert spans == {nodes[0].peer_id: (0, 2, "online"), nodes[1].peer_id: (1, 3, "online")}
     assert all(n["free_cache_tokens"] > 0 and n["version"] for n in swarm["nodes"])
     assert [(c["nodes"], c["throughput"]) for c in swarm["coverage"]] == [(1, 50.0), (2, 100.0), (1, 50.0), (0, 0.0)]
     assert swarm["missing_blocks"] == [3]
-
-    # without a model name: every model the swarm serves
-    view = json.loads(status(local_swarm.initial_peers, "--json"))
-    by_model = {s["model"]: s for s in view["swarms"]}
-    assert set(by_model) >= {llama, qwen}
     assert [n["peer_id"] for n in by_model[qwen]["nodes"]] == [qwen_node.peer_id]
     assert by_model[qwen]["missing_blocks"] == []
 
@@ -44,5 +42,6 @@ def test_status_json_shows_spans_coverage_and_gaps_of_every_model(tiny_model, lo
     assert "NOT SERVED" in shown and nodes[0].peer_id[-6:] in shown
 
     local_swarm.start_nodes(tiny_model("llama"), [(3, 4)], "--throughput", "50", "--model-name", llama)
-    view = json.loads(status(local_swarm.initial_peers, llama, "--json"))
-    assert view["swarms"][0]["missing_blocks"] == [] and len(view["swarms"][0]["nodes"]) == 3
+    view = json.loads(status(local_swarm.initial_peers, llama, "--json"))  # only the named model
+    [swarm] = view["swarms"]
+    assert swarm["model"] == llama and swarm["missing_blocks"] == [] and len(swarm["nodes"]) == 3
