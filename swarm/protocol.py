@@ -85,7 +85,9 @@ def decode_tensor(obj: Any) -> torch.Tensor:
     torch_dtype = DTYPES[dtype]
     numel = math.prod(shape)
     if "top_zlib" in obj:
-        data = _decompress(data, obj["top_zlib"], numel, torch_dtype.itemsize)
+        elements = _decompress(data, obj["top_zlib"], numel, torch_dtype.itemsize)
+        return torch.from_numpy(elements).view(torch_dtype).view(shape) if numel else torch.empty(shape,
+                                                                                                  dtype=torch_dtype)
     if numel * torch_dtype.itemsize != len(data):
         raise ProtocolError(f"tensor of shape {shape} and dtype {dtype} needs {numel * torch_dtype.itemsize} bytes, "
                             f"got {len(data)}")
@@ -94,9 +96,9 @@ def decode_tensor(obj: Any) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch_dtype).view(shape)
 
 
-def _decompress(data: bytes, top_length: Any, numel: int, itemsize: int) -> bytes:
-    """The raw bytes of a compressed tensor. The zlib stream may inflate to no more than the declared elements'
-    top bytes, so a small frame cannot make the node allocate much more than the frame's size."""
+def _decompress(data: bytes, top_length: Any, numel: int, itemsize: int) -> np.ndarray:
+    """The bytes of a compressed tensor's elements, [numel, itemsize]. The zlib stream may inflate to no more than
+    the declared elements' top bytes, so a small frame cannot make the node allocate much more than its size."""
     if type(top_length) is not int or not 0 < top_length <= len(data):
         raise ProtocolError(f"top_zlib must count the bytes of the zlib stream within data, got {top_length!r}")
     rest = data[top_length:]
@@ -113,7 +115,7 @@ def _decompress(data: bytes, top_length: Any, numel: int, itemsize: int) -> byte
     elements = np.empty((numel, itemsize), dtype=np.uint8)
     elements[:, -1] = np.frombuffer(top, dtype=np.uint8)
     elements[:, :-1] = np.frombuffer(rest, dtype=np.uint8).reshape(numel, itemsize - 1)
-    return elements.tobytes()
+    return elements
 
 
 # Compressed tensors larger than this are (de)compressed in a thread: a 2048-row bf16 prefill took 200 ms to

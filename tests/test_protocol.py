@@ -25,6 +25,9 @@ def test_compressed_tensors_keep_every_bit(dtype):
     assert decoded.dtype == dtype and torch.equal(decoded.view(torch.uint8), tensor.view(torch.uint8))
     scalar = torch.tensor(2.5, dtype=dtype)
     assert all(torch.equal(decode_tensor(encode_tensor(scalar, compress)), scalar) for compress in (False, True))
+    empty = {"dtype": protocol.DTYPE_NAMES[dtype], "shape": [0, 4], "data": zlib.compress(b""),
+             "top_zlib": len(zlib.compress(b""))}
+    assert decode_tensor(empty).shape == (0, 4)
 
 
 @pytest.mark.parametrize("rows", [1, 64])  # 64 rows of 4096 bf16 are above THREAD_BYTES: (de)compressed in a thread
