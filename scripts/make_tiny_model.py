@@ -78,6 +78,14 @@ def make_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, shar
     return path
 
 
+def make_wide_model(path: str | Path, hidden_size: int, num_hidden_layers: int) -> Path:
+    """A Llama of real width whose blocks cost almost no compute (one 16-wide head, a 16-wide MLP): for benchmarks
+    of what moving hidden states through the swarm costs, not of computing them."""
+    return make_tiny_model(path, "llama", hidden_size=hidden_size, intermediate_size=16,
+                           num_hidden_layers=num_hidden_layers, num_attention_heads=1, num_key_value_heads=1,
+                           head_dim=16, max_position_embeddings=16384)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="folder to write the model to")

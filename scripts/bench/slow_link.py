@@ -68,14 +68,12 @@ def main() -> None:
 
     import netns
     from local_swarm import LocalSwarm
-    from make_tiny_model import make_tiny_model
+    from make_tiny_model import make_wide_model
 
     if not netns.available():
         sys.exit("needs root to create network namespaces")
     workdir = Path(tempfile.mkdtemp(prefix="bench-slow-link-"))
-    model = make_tiny_model(workdir / "wide", "llama", hidden_size=HIDDEN_SIZE, intermediate_size=16,
-                            num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1, head_dim=16,
-                            max_position_embeddings=16384)
+    model = make_wide_model(workdir / "wide", HIDDEN_SIZE, 2)
     with netns.Network() as network, LocalSwarm(workdir / "logs") as swarm:
         hub, boot, client, first, second = (network.host(name) for name in ("hub", "boot", "client", "a", "b"))
         address = {boot: "11.79.0.1", client: "11.79.0.2", first: "11.79.0.3", second: "11.79.0.4"}

@@ -97,14 +97,11 @@ def main() -> None:
 
     from client.remote import SwarmConnection, run_coroutine
     from client.session import InferenceSession
-    from make_tiny_model import make_tiny_model
+    from make_tiny_model import make_wide_model
 
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp(prefix="bench-step-cost-"))
-    model_path = make_tiny_model(workdir / "wide-llama", "llama", hidden_size=args.hidden_size,
-                                 intermediate_size=16, num_hidden_layers=NUM_BLOCKS, num_attention_heads=1,
-                                 num_key_value_heads=1, head_dim=16,
-                                 max_position_embeddings=16384)
+    model_path = make_wide_model(workdir / "wide-llama", args.hidden_size, NUM_BLOCKS)
     result: dict = {"bench": "step_cost", "hidden_size": args.hidden_size, "nodes": NUM_BLOCKS, "steps": args.steps,
                     "results": {}}
     with LocalSwarm(workdir / "logs") as swarm:
