@@ -31,7 +31,8 @@ def available() -> bool:
 
 
 class Network:
-    """Namespaces and links created for one run (a test, a benchmark), deleted by close() (or leaving the with block)."""
+    """Namespaces and links created for one run (a test, a benchmark), deleted by close() or leaving the with
+    block."""
 
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex[:4]
