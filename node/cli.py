@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "moving node waits before it stays instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="memory for the paged KV cache")
+    parser.add_argument("--kv-cache-gb", type=float,
+                        help="memory for the paged KV cache (default: on a GPU, 90%% of what the loaded blocks leave "
+                             "free less 1 GB, so set it where several nodes share a GPU; on a CPU, 0.25)")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
     parser.add_argument("--max-length", type=int, help="longest session accepted, in tokens")
     parser.add_argument("--max-batch-tokens", type=int, default=512,

@@ -36,7 +36,7 @@ from node.kv_cache import PagePool
 from node.limits import RequestRate
 from node.metrics import NodeCollector, serve_metrics
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
-from node.span import Span, block_bytes
+from node.span import Span, block_bytes, block_cache_bytes_per_token
 from node.throughput import Throughput, cached_estimate, model_identity, probe
 from swarm import protocol, rpc
 from swarm.balancing import better_start, choose_span
@@ -64,6 +64,13 @@ MAX_RTT_PEERS = 5  # peers serving the next blocks whose round trip a node measu
 MAX_CHAIN_LENGTH = 256
 HELLO_TIMEOUT = 10.0  # seconds a private swarm's node waits for a new stream's proof of membership
 LINGER_SECONDS = 2.0  # for a refused peer to read why before its stream closes
+CPU_KV_CACHE_GB = 0.25  # a CPU node's KV cache unless --kv-cache-gb says otherwise
+# Without --kv-cache-gb a GPU node's KV cache takes this share of the memory its loaded span leaves free, less a
+# reserve: prefill activations (a 512-token chunk of an 8B-shaped block needs ~50 MB), the decode graphs' pools,
+# torch.compile's workspace and what other processes on the GPU allocate meanwhile.
+GPU_CACHE_SHARE = 0.9
+GPU_RESERVE_BYTES = 2**30
+SPAN_CACHE_TOKENS = 16384  # an automatically sized GPU span leaves room for at least this many tokens of cache
 
 
 class RequestError(ValueError):
@@ -85,7 +92,7 @@ class NodeConfig:
     port: int = 0
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    kv_cache_gb: float = 0.25
+    kv_cache_gb: float | None = None  # None: CPU_KV_CACHE_GB on a CPU, what the span leaves free on a GPU
     page_size: int = 16
     max_length: int | None = None
     max_batch_size: int = 64
@@ -254,16 +261,36 @@ class Node:
         total = self.model_config.num_hidden_layers
         if self.config.num_blocks:
             return min(self.config.num_blocks, total)
+        config = self.config
+        per_block = block_bytes(config.model_path, config.dtype)
         if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
+            budget = torch.cuda.mem_get_info(self.device)[0] * GPU_CACHE_SHARE - GPU_RESERVE_BYTES
+            if config.kv_cache_gb is None:  # the cache gets what the span leaves: each block brings its share
+                per_block += SPAN_CACHE_TOKENS * block_cache_bytes_per_token(config.model_path, config.dtype)
+            else:
+                budget -= config.kv_cache_gb * 2**30
         else:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2  # leave half to the rest
-        budget = free - self.config.kv_cache_gb * 2**30 - self.config.swap_gb * 2**30 * (self.device.type == "cpu")
-        fits = int(budget * 0.9) // block_bytes(self.config.model_path, self.config.dtype)
+            budget = (free - self._kv_cache_bytes() - config.swap_gb * 2**30) * 0.9
+        fits = int(budget) // per_block
         if fits < 1:
-            raise RuntimeError(f"not enough memory for one block of {self.config.model_name} next to a "
-                               f"{self.config.kv_cache_gb} GB KV cache")
+            raise RuntimeError(f"not enough memory for one block of {config.model_name} next to its KV cache")
         return min(fits, total)
+
+    def _kv_cache_bytes(self) -> int:
+        """The KV pool's memory: --kv-cache-gb, else on a GPU the share of free memory that the loaded span leaves
+        (GPU_CACHE_SHARE, less GPU_RESERVE_BYTES), else CPU_KV_CACHE_GB."""
+        if self.config.kv_cache_gb is not None:
+            return int(self.config.kv_cache_gb * 2**30)
+        if self.device.type != "cuda":
+            return int(CPU_KV_CACHE_GB * 2**30)
+        torch.cuda.empty_cache()  # blocks the allocator keeps from loading count as free
+        free = torch.cuda.mem_get_info(self.device)[0]
+        room = int(free * GPU_CACHE_SHARE) - GPU_RESERVE_BYTES
+        if room <= 0:
+            raise RuntimeError(f"only {free / 2**30:.2f} GB of GPU memory is free next to blocks {self.start}:{self.end}; "
+                               "serve fewer blocks or set --kv-cache-gb")
+        return room
 
     def _estimated_throughput(self, length: int, records: list[NodeRecord]) -> float:
         """Before the span is loaded: the cached probe of this model on this device, else the swarm's median."""
@@ -302,7 +329,7 @@ class Node:
         self.span = await asyncio.to_thread(Span, config.model_path, start, end, config.device, config.dtype)
         page_bytes = PagePool.page_bytes(self.span.layer_count, config.page_size, self.span.kv_heads,
                                          self.span.head_dim, config.dtype)
-        num_pages = int(config.kv_cache_gb * 2**30) // page_bytes
+        num_pages = self._kv_cache_bytes() // page_bytes
         self.pool = PagePool(self.span.layer_count, num_pages, config.page_size, self.span.kv_heads,
                              self.span.head_dim, config.dtype, config.device)
         model_max = getattr(self.model_config, "max_position_embeddings", None) or 2**31

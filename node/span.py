@@ -207,3 +207,12 @@ def block_bytes(model_path: str | Path, dtype: torch.dtype) -> int:
     model = build_empty_model(load_config(model_path), dtype, "eager")
     _, layers = find_layers(model)
     return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+
+
+def block_cache_bytes_per_token(model_path: str | Path, dtype: torch.dtype) -> int:
+    """One block's KV cache per token, from the config before anything is loaded. Where the config names no K/V
+    heads this counts every attention head, which over-counts for grouped-query families, never under."""
+    config = load_config(model_path)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return PagePool.page_bytes(1, 1, kv_heads, head_dim, dtype)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import reference_hidden_states
+from conftest import assert_same_tokens, reference_hidden_states
 from make_tiny_model import FAMILIES
 from node.kv_cache import PagePool, SequenceCache
-from node.span import Span
+from node.span import Span, block_cache_bytes_per_token
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
@@ -72,7 +72,7 @@ def test_bfloat16_swarm_matches_local_transformers(family, tiny_model, local_swa
     from client import DistributedModelForCausalLM
 
     path = tiny_model(family)
-    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--device", "cuda", "--dtype", "bfloat16",
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--device", "cuda", "--dtype", "bfloat16", "--kv-cache-gb", "1",
                             "--model-name", f"gpu-{family}")
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -92,3 +92,25 @@ def test_bfloat16_swarm_matches_local_transformers(family, tiny_model, local_swa
         chosen = out.sequences[:, batch["input_ids"].shape[1]:]
         shortfall = local_logits.max(-1).values - local_logits.gather(-1, chosen[..., None])[..., 0]
         assert shortfall.max().item() <= 0.02 * scale, "a chosen token is not the local model's choice"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_gpu_node_sizes_its_kv_cache_from_free_memory(tiny_model, local_swarm):
+    """Without --kv-cache-gb a GPU node's cache takes most of the memory its span leaves free (GPU_CACHE_SHARE
+    less GPU_RESERVE_BYTES), and the node serves from it: greedy tokens as the local model's."""
+    from client import DistributedModelForCausalLM
+    from client.remote import run_coroutine
+
+    path = tiny_model("llama")
+    free_before = torch.cuda.mem_get_info()[0]
+    (node,) = local_swarm.start_nodes(path, [(0, 4)], "--device", "cuda", "--dtype", "float32",
+                                      "--model-name", "gpu-auto-cache")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="gpu-auto-cache", device="cuda") as model:
+        stats = run_coroutine(model.connection.node_stats(node.peer_id))
+        page_bytes = 4 * 16 * block_cache_bytes_per_token(path, torch.float32)  # 4 blocks, 16-token pages
+        assert stats["pages_total"] * page_bytes > 0.8 * free_before - 2**30
+        ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0)).to("cuda")
+        swarm_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert_same_tokens(swarm_tokens, local.generate(ids, max_new_tokens=8, do_sample=False), local)
