@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
+from swarm.devices import device_argument
 from swarm.protocol import DTYPES
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +24,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", help="the model's name in the swarm (default: the folder's name)")
     parser.add_argument("--initial-peers", nargs="*", default=PUBLIC_INITIAL_PEERS, help="multiaddrs of peers in the swarm")
     parser.add_argument("--swarm-key", help="key file of a private swarm")
-    parser.add_argument("--device", default="cpu", help="where the client's part runs (cpu, cuda)")
+    parser.add_argument("--device", type=device_argument, default="cpu",
+                        help="where the client's part runs (cpu, cuda, cuda:N)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="the client's dtype, which must be the nodes' (swarm status shows it)")
     parser.add_argument("--compress", action="store_true",

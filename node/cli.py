@@ -10,6 +10,7 @@ import uvloop
 from swarm import logs
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import model_name
+from swarm.devices import device_argument
 from swarm.protocol import DTYPES
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds a leaving node (SIGTERM) waits for its clients to move their sessions, and a "
                              "moving node waits before it stays instead")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--kv-cache-gb", type=float,
                         help="memory for the paged KV cache (default: on a GPU, 90%% of what the loaded blocks leave "
