@@ -146,6 +146,9 @@ class Node:
         self.model_config = load_config(config.model_path)
         self.hidden_size: int = self.model_config.hidden_size  # read per step: a config's attributes are slow
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # graph capture, events and the probe's synchronizations use the current device: make it this one
+            torch.cuda.set_device(self.device)
         self.span: Span | None = None
         self.pool: PagePool | None = None
         self.scheduler: Scheduler | None = None
