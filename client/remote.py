@@ -20,6 +20,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
 from swarm import rpc
+from swarm.dht import shutdown_dht
 from swarm.protocol import pack
 from swarm.records import NodeRecord, SignedRecordValidator, fetch_models, fetch_records
 from swarm.routing import Probe
@@ -116,4 +117,4 @@ class SwarmConnection:
 
     def shutdown(self) -> None:
         run_coroutine(self.p2p.shutdown())
-        self.dht.shutdown()
+        shutdown_dht(self.dht)

@@ -41,6 +41,7 @@ from node.throughput import Throughput, cached_estimate, model_identity, probe
 from swarm import protocol, rpc
 from swarm.balancing import better_start, choose_span
 from swarm.checkpoint import load_config
+from swarm.dht import shutdown_dht
 from swarm.protocol import (
     PAGE_HASH_BYTES,
     ProtocolError,
@@ -422,7 +423,7 @@ class Node:
                 await asyncio.wait_for(self._announce(), 5)
             except Exception as e:
                 logger.warning("could not announce going offline: %s", e)
-            self.dht.shutdown()
+            shutdown_dht(self.dht)
 
     # ----- serving sessions -----
 

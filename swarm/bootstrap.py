@@ -8,6 +8,7 @@ import threading
 
 from hivemind.dht import DHT
 
+from swarm.dht import shutdown_dht
 from swarm.records import SignedRecordValidator
 from swarm.relays import RELAY_OPTIONS
 from swarm.swarm_key import SwarmKey
@@ -42,4 +43,4 @@ def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    dht.shutdown()
+    shutdown_dht(dht)

@@ -1,5 +1,6 @@
 """A live node answers bad input with clear errors, keeps serving others, and leaves cleanly."""
 
+import os
 import signal
 import time
 
@@ -118,6 +119,23 @@ def test_sigterm_announces_offline_and_exits(tiny_model, local_swarm):
                 break
             time.sleep(0.5)
         assert states == [NodeState.OFFLINE]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["systemd-stop", "ctrl-c"])
+def test_a_signal_to_the_whole_process_group_ends_the_node_and_its_children(tiny_model, local_swarm, sig):
+    """systemd's stop and Ctrl-C in a terminal signal every process of the node's group at once: the libp2p daemon
+    dies first, and the DHT process then outlived the node's shutdown, which waited for it forever."""
+    [node] = local_swarm.start_nodes(tiny_model("llama"), [(0, 4)], "--model-name", "group-signal")
+    os.killpg(node.pid, sig)
+    node.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(node.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail("processes of the node's group are still running")
 
 
 def free_pages_become(model, expected, timeout=8.0):
