@@ -13,7 +13,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from swarm.bootstrap import PUBLIC_INITIAL_PEERS
+from swarm.bootstrap import add_initial_peers_argument
 from swarm.devices import device_argument
 from swarm.protocol import DTYPES
 
@@ -22,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local folder of the model's checkpoint; the client loads only its embeddings, final "
                              "norm and head, and the tokenizer")
     parser.add_argument("--model-name", help="the model's name in the swarm (default: the folder's name)")
-    parser.add_argument("--initial-peers", nargs="*", default=PUBLIC_INITIAL_PEERS, help="multiaddrs of peers in the swarm")
+    add_initial_peers_argument(parser)
     parser.add_argument("--swarm-key", help="key file of a private swarm")
     parser.add_argument("--device", type=device_argument, default="cpu",
                         help="where the client's part runs (cpu, cuda, cuda:N)")

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from client.remote import SwarmConnection, run_coroutine
 from swarm.balancing import block_throughputs
-from swarm.bootstrap import PUBLIC_INITIAL_PEERS
+from swarm.bootstrap import add_initial_peers_argument
 from swarm.records import NodeRecord, NodeState
 
 STATE_STYLES = {"online": "green", "joining": "yellow", "draining": "yellow", "offline": "red"}
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_name", nargs="?",
                         help="the model's name in the swarm (a node's --model-name, else its folder name); "
                              "default: every model the swarm serves")
-    parser.add_argument("--initial-peers", nargs="*", default=PUBLIC_INITIAL_PEERS, help="multiaddrs of peers in the swarm")
+    add_initial_peers_argument(parser)
     parser.add_argument("--swarm-key", help="key file of a private swarm")
     parser.add_argument("--sessions", action="store_true", help="ask every node for its sessions and show their chains")
     parser.add_argument("--json", action="store_true", help="print one JSON object (a line per refresh with --watch)")

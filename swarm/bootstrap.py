@@ -18,6 +18,12 @@ from swarm.swarm_key import SwarmKey
 PUBLIC_INITIAL_PEERS: list[str] = []
 
 
+def add_initial_peers_argument(parser: argparse.ArgumentParser) -> None:
+    """--initial-peers of the commands that use a swarm: required while the public swarm has no bootstrap peers."""
+    parser.add_argument("--initial-peers", nargs="+", default=PUBLIC_INITIAL_PEERS, required=not PUBLIC_INITIAL_PEERS,
+                        help="multiaddrs of peers in the swarm, as `swarm bootstrap` and nodes print them")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", help="private key file; created if missing, so the peer id stays the same")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for a local swarm)")
