@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # name: (help, module, its function that adds the command's arguments, its function that runs it)
@@ -19,6 +20,12 @@ COMMANDS = {
 }
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # Unwind as Ctrl-C does, so the command stops the DHT process and libp2p daemon it started: killed outright,
+    # it left both running. Commands that serve (node, bootstrap, api) replace this with their own handlers.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="swarm", description="Serve and use language models from a swarm of nodes.")
@@ -30,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             getattr(module, add_arguments)(command)
             command.set_defaults(run=getattr(module, run))
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         args.run(args)
     except KeyboardInterrupt:

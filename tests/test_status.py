@@ -1,9 +1,14 @@
 """`swarm status` against a live loopback swarm: models, nodes' spans, per-block coverage and its gaps."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 import uuid
+
+import pytest
 
 from local_swarm import SWARM
 
@@ -45,3 +50,24 @@ def test_status_json_shows_spans_coverage_and_gaps_of_every_model(tiny_model, lo
     view = json.loads(status(local_swarm.initial_peers, llama, "--json"))  # only the named model
     [swarm] = view["swarms"]
     assert swarm["model"] == llama and swarm["missing_blocks"] == [] and len(swarm["nodes"]) == 3
+
+
+def test_sigterm_ends_a_watching_status_and_every_process_it_started(bootstrap):
+    """`kill PID` of a client command unwinds it like Ctrl-C: its DHT process and libp2p daemon stop with it."""
+    watch = subprocess.Popen([*SWARM, "status", "--json", "--watch", "1", "--initial-peers", *bootstrap],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        json.loads(watch.stdout.readline())  # it has joined the swarm
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(watch.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        pytest.fail("processes that `swarm status` started are still running")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(watch.pid, signal.SIGKILL)
