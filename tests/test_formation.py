@@ -1,6 +1,7 @@
 """Swarm formation on loopback with real DHT and p2pd: push chains, span choice, rebalancing, load spreading."""
 
 import argparse
+import asyncio
 import time
 from collections import Counter
 
@@ -46,7 +47,11 @@ async def compressed_step(connection, record, hidden: torch.Tensor) -> dict:
         session = protocol.unpack(await read_frame(reader))["session"]
         await write_frame(writer, pack("step", session=session, lengths=[hidden.shape[0]],
                                        hidden=encode_tensor(hidden, compress=True)))
-        return protocol.unpack(await read_frame(reader))
+        reply = protocol.unpack(await read_frame(reader))
+        # closed before returning: the node drops the session before it ends the stream, so later stats omit it
+        await write_frame(writer, pack("close"))
+        await asyncio.wait_for(reader.read(), 10)
+        return reply
     finally:
         writer.close()
 
