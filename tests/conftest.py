@@ -1,6 +1,7 @@
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from local_swarm import LocalSwarm  # noqa: E402
 from make_tiny_model import make_tiny_model  # noqa: E402
+
+
+def group_ended(pgid: int, timeout: float = 10.0) -> bool:
+    """Whether every process of the group pgid is gone within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def free_port() -> int:

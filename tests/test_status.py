@@ -5,11 +5,9 @@ import json
 import os
 import signal
 import subprocess
-import time
 import uuid
 
-import pytest
-
+from conftest import group_ended
 from local_swarm import SWARM
 
 
@@ -60,14 +58,7 @@ def test_sigterm_ends_a_watching_status_and_every_process_it_started(bootstrap):
         json.loads(watch.stdout.readline())  # it has joined the swarm
         watch.send_signal(signal.SIGTERM)
         assert watch.wait(timeout=30) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(watch.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        pytest.fail("processes that `swarm status` started are still running")
+        assert group_ended(watch.pid), "processes that `swarm status` started are still running"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(watch.pid, signal.SIGKILL)
