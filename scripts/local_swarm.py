@@ -25,7 +25,11 @@ SWARM = [sys.executable, "-m", "swarm.cli"]
 
 
 class LocalSwarm:
-    """A bootstrap peer and nodes as child processes on 127.0.0.1; a context manager that stops them all."""
+    """A bootstrap peer and nodes as child processes on 127.0.0.1; a context manager that stops them all.
+
+    Should this process die without stopping them, they end too (swarm/cli.py EXIT_WITH_PARENT): Linux signals
+    them when the thread that started them exits, so start them from a thread that lives as long as the swarm.
+    """
 
     def __init__(self, log_dir: str | Path | None = None):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarm-logs-"))
@@ -40,7 +44,8 @@ class LocalSwarm:
         self.stop()
 
     def _spawn(self, name: str, args: list[str], netns: str | None = None) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the child ends with this process even when it is killed before it can stop its children
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWARM_EXIT_WITH_PARENT": str(os.getpid())}
         log = open(self.log_dir / f"{name}.log", "w")
         args = ["ip", "netns", "exec", netns, *args] if netns else args
         # its own process group: killing a node must also end its DHT process and libp2p daemon

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
+import os
 import signal
 import sys
+
+# A launcher that runs commands as its children (scripts/local_swarm.py) sets this to its pid: the command then ends
+# when the launcher dies, even killed outright (by a timeout or the OOM killer) without stopping its children.
+# Left running, a GPU node kept most of the GPU's memory.
+EXIT_WITH_PARENT = "SWARM_EXIT_WITH_PARENT"
+PR_SET_PDEATHSIG = 1
 
 # name: (help, module, its function that adds the command's arguments, its function that runs it)
 COMMANDS = {
@@ -26,6 +34,16 @@ def _exit_on_sigterm(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _exit_with_launcher() -> None:
+    """SIGTERM this process when the launcher named by EXIT_WITH_PARENT dies (Linux; elsewhere a no-op)."""
+    launcher = os.environ.pop(EXIT_WITH_PARENT, None)  # not inherited by the DHT process or libp2p daemon
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(launcher):  # it died before the line above took effect
+        sys.exit("the process that launched this command has exited")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="swarm", description="Serve and use language models from a swarm of nodes.")
@@ -38,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             command.set_defaults(run=getattr(module, run))
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _exit_with_launcher()
     try:
         args.run(args)
     except KeyboardInterrupt:
