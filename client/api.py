@@ -104,6 +104,43 @@ class _TokenStream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
 
 
+class _Detokenizer:
+    """The text of a growing list of tokens, as decoding them all at once gives it, at the cost per token of
+    decoding a few: decoding every token so far on each new one made long completions ever slower, and held the
+    GIL from the thread that generates.
+
+    Each new piece is the text a window of recent tokens adds over the same window without its newest ones:
+    the older tokens in the window give the seam the spacing that a whole decode gives it. Tokens that end
+    inside a character (a partial UTF-8 sequence) wait for the rest of it."""
+
+    CONTEXT = 4  # tokens kept in the window before the new ones
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self._start = self._read = 0  # the window begins at tokens[_start]; tokens[_read:] are not in text yet
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def add(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+        window = self._decode(self.tokens[self._start:])
+        if not window.endswith("\ufffd"):
+            self._take(window)
+
+    def finish(self) -> None:
+        """Take what still waits, partial characters and all (as a whole decode shows them)."""
+        if self._read < len(self.tokens):
+            self._take(self._decode(self.tokens[self._start:]))
+
+    def _take(self, window: str) -> None:
+        self.text += window[len(self._decode(self.tokens[self._start:self._read])):]
+        self._read = len(self.tokens)
+        self._start = max(0, self._read - self.CONTEXT)
+
+
 class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event):
         self.event = event
@@ -236,7 +273,7 @@ class Server:
 
     async def _generate(self, ids: torch.Tensor, sampling: Sampling) -> AsyncIterator[tuple[str, str | None, int]]:
         """Yields (new text, finish reason or None, tokens so far). Text that may begin a stop string, or ends
-        inside a multi-byte character, is held back until it is known."""
+        inside a multi-byte character (_Detokenizer), is held back until it is known."""
         stream, cancelled = _TokenStream(asyncio.get_running_loop()), threading.Event()
         ids = ids.to(self.model.device)
 
@@ -250,30 +287,30 @@ class Server:
                 stream.fail(e)
 
         worker = asyncio.get_running_loop().run_in_executor(self.workers, work)
-        tokens: list[int] = []
+        text = _Detokenizer(self.tokenizer)
+        tokens = text.tokens
         sent = 0
         try:
             while (new := await stream.queue.get()) is not None:
                 if isinstance(new, BaseException):
                     raise new
-                tokens += new
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                stop = _find_stop(text, sampling.stop, max(0, sent - max(map(len, sampling.stop), default=0)))
+                text.add(new)
+                last = tokens[-1] in self.eos or len(tokens) >= sampling.max_tokens
+                if last:
+                    text.finish()
+                stop = _find_stop(text.text, sampling.stop, max(0, sent - max(map(len, sampling.stop), default=0)))
                 if stop is not None:
-                    yield text[sent:stop], "stop", len(tokens)
+                    yield text.text[sent:stop], "stop", len(tokens)
                     return
-                if tokens[-1] in self.eos:
-                    yield text[sent:], "stop", len(tokens)
+                if last:
+                    yield text.text[sent:], "stop" if tokens[-1] in self.eos else "length", len(tokens)
                     return
-                if len(tokens) >= sampling.max_tokens:
-                    yield text[sent:], "length", len(tokens)
-                    return
-                safe = _safe_length(text, sampling.stop)
+                safe = _safe_length(text.text, sampling.stop)
                 if safe > sent:
-                    yield text[sent:safe], None, len(tokens)
+                    yield text.text[sent:safe], None, len(tokens)
                     sent = safe
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # stopped early: cancelled or a criterion
-            yield text[sent:], "stop", len(tokens)
+            text.finish()  # stopped early: cancelled or a criterion
+            yield text.text[sent:], "stop", len(tokens)
         finally:
             cancelled.set()
             await asyncio.shield(worker)  # the session closes before the request ends
@@ -285,10 +322,9 @@ def _find_stop(text: str, stops: list[str], start: int) -> int | None:
 
 
 def _safe_length(text: str, stops: list[str]) -> int:
-    """How much of text can be sent: not a trailing partial character, nor a suffix that begins a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    held = max((k for s in stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-    return end - held
+    """How much of text can be sent: all but a suffix that begins a stop string."""
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return len(text) - held
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -82,3 +82,38 @@ def test_openai_api_and_cli_give_the_client_librarys_text(tiny_model, local_swar
     # a second turn continues the conversation's session and gives what a fresh generate over it gives
     turns = f"{conversation[0]['content']}\n{second_turn[2]['content']}\n"
     assert run_cli(local_swarm, path, "chat", stdin=turns) == f"{expected_chat}\n{expected_second}\n"
+
+
+def sentencepiece_tokenizer():
+    """A SentencePiece-style BPE (the ▁ word marker, as Llama 2 and Mistral use), trained here."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = SentencePieceBPETokenizer()
+    bpe.train_from_iterator(["A swarm of volunteer machines serves café models", "naïve 中文 text, emoji 🐝!",
+                             "Once upon a time, in a land far away"], vocab_size=200, special_tokens=["<unk>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_incremental_text_is_the_whole_decode(kind):
+    """The API's text of a growing completion, decoded a few tokens at a time, is always a prefix of decoding
+    every token so far, and ends equal to it; also across partial characters and special tokens."""
+    from client.api import _Detokenizer
+    from make_tiny_model import make_tokenizer
+
+    tokenizer = make_tokenizer() if kind == "byte-level" else sentencepiece_tokenizer()
+    sample = "A swarm of volunteer machines: naïve café, 中文 and 🐝. Once upon a time"
+    generator = torch.Generator().manual_seed(0)
+    sequences = [tokenizer(sample).input_ids]  # whole characters
+    sequences += [torch.randint(len(tokenizer), (60,), generator=generator).tolist() for _ in range(20)]
+    for tokens in sequences:
+        text = _Detokenizer(tokenizer)
+        position = 0
+        while position < len(tokens):
+            step = 1 + position % 3
+            text.add(tokens[position:position + step])
+            position += step
+            assert tokenizer.decode(tokens[:position], skip_special_tokens=True).startswith(text.text)
+        text.finish()
+        assert text.text == tokenizer.decode(tokens, skip_special_tokens=True)

@@ -49,3 +49,10 @@ def test_chaos_runner_completes_every_session_exactly():
                          "--interval", "4", timeout=400)
     assert figures["kills"] + figures["sigterms"] == 3
     assert figures["sessions_started"] == figures["sessions_completed"] == figures["exact"] > 0, figures
+
+
+def test_api_bench_prints_one_json_line():
+    figures = run_script(BENCH / "api.py", "--concurrency", "1", "2", "--max-tokens", "6", "--requests-per-slot", "1",
+                         "--long-tokens", "12")
+    assert set(figures["tokens_per_s"]) == {"1", "2"} and all(rate > 0 for rate in figures["tokens_per_s"].values())
+    assert 0 < figures["long_completion"]["tokens"] <= 12 and figures["long_completion"]["tokens_per_s"] > 0
