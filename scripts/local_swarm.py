@@ -27,8 +27,7 @@ SWARM = [sys.executable, "-m", "swarm.cli"]
 class LocalSwarm:
     """A bootstrap peer and nodes as child processes on 127.0.0.1; a context manager that stops them all.
 
-    Should this process die without stopping them, they end too (swarm/cli.py EXIT_WITH_PARENT): Linux signals
-    them when the thread that started them exits, so start them from a thread that lives as long as the swarm.
+    Should this process die without stopping them, they end too (swarm/cli.py EXIT_WITH_PARENT).
     """
 
     def __init__(self, log_dir: str | Path | None = None):

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import os
+import select
 import signal
 import sys
+import threading
 
 # A launcher that runs commands as its children (scripts/local_swarm.py) sets this to its pid: the command then ends
 # when the launcher dies, even killed outright (by a timeout or the OOM killer) without stopping its children.
 # Left running, a GPU node kept most of the GPU's memory.
 EXIT_WITH_PARENT = "SWARM_EXIT_WITH_PARENT"
-PR_SET_PDEATHSIG = 1
 
 # name: (help, module, its function that adds the command's arguments, its function that runs it)
 COMMANDS = {
@@ -35,13 +35,20 @@ def _exit_on_sigterm(signum: int, frame) -> None:
 
 
 def _exit_with_launcher() -> None:
-    """SIGTERM this process when the launcher named by EXIT_WITH_PARENT dies (Linux; elsewhere a no-op)."""
+    """SIGTERM this process when the launcher named by EXIT_WITH_PARENT exits (Linux; elsewhere a no-op)."""
     launcher = os.environ.pop(EXIT_WITH_PARENT, None)  # not inherited by the DHT process or libp2p daemon
-    if launcher is None or not sys.platform.startswith("linux"):
+    if launcher is None or not hasattr(os, "pidfd_open"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(launcher):  # it died before the line above took effect
+    try:
+        exited = os.pidfd_open(int(launcher))  # readable once the whole process has exited
+    except ProcessLookupError:
         sys.exit("the process that launched this command has exited")
+
+    def watch() -> None:
+        select.select([exited], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
