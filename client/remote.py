@@ -92,8 +92,9 @@ class SwarmConnection:
         """The models served in the swarm now: name -> number of blocks."""
         return await fetch_models(self.dht, self.swarm_key)
 
-    async def open_stream(self, peer_id: str, handler: str):
-        return await rpc.open_stream(self.p2p, peer_id, handler, self.swarm_key)
+    async def open_stream(self, peer_id: str, handler: str, direct: bool = False):
+        """direct: the node runs on this machine; its unix socket is tried first (swarm/direct.py)."""
+        return await rpc.open_stream(self.p2p, peer_id, handler, self.swarm_key, direct)
 
     async def probe(self, records: Sequence[NodeRecord], timeout: float = 5.0) -> dict[str, Probe]:
         """Ping the nodes at once: round trip and live load of each one that answered."""

@@ -19,7 +19,7 @@ import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from client.remote import SwarmConnection, run_coroutine
-from swarm import protocol
+from swarm import direct, protocol
 from swarm.protocol import ProtocolError, decode_tensor_async, encode_tensor_async, pack, read_frame, write_frame
 from swarm.records import NodeState
 from swarm.routing import Hop, MissingBlocksError, RoutingError, plan_route
@@ -76,7 +76,8 @@ class SpanSession:
                    priority: str = "interactive", step_timeout: float = 10.0, compress: bool = False) -> SpanSession:
         """compress: the session's tensors travel compressed, also those the node replies and pushes."""
         reader, writer = await asyncio.wait_for(
-            connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER), step_timeout)
+            connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER, direct.reachable(hop.node.host)),
+            step_timeout)
         span = cls(hop, reader, writer, step_timeout, compress)
         try:
             reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start,
@@ -113,7 +114,7 @@ class SpanSession:
     def next_hop(self, page_hashes: list[list[bytes]] | None) -> dict:
         """Where a previous node pushes this span's input."""
         return {"peer": self.hop.node.peer_id, "session": self.session_id, "page_hashes": page_hashes,
-                "dtype": self.hop.node.dtype}
+                "dtype": self.hop.node.dtype, "host": self.hop.node.host}
 
     async def send(self, hidden: torch.Tensor, lengths: list[int], page_hashes: list[list[bytes]] | None = None,
                    push: list[dict] | None = None) -> None:

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "announced through them and says so in its record")
     parser.add_argument("--relay", action="store_true", help="relay connections for peers that are not directly "
                                                             "reachable (needs a public address)")
+    parser.add_argument("--no-direct-streams", dest="direct_streams", action="store_false",
+                        help="serve peers on this machine over libp2p too, not on a unix socket (see README)")
     parser.add_argument("--swarm-key", help="key file of a private swarm (made by `swarm bootstrap "
                                             "--new-private-swarm`); without it the node joins a public swarm")
     parser.add_argument("--throughput", type=float, help="decode tokens/s to announce instead of measuring them")
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
         max_requests_per_peer=args.max_requests_per_peer, max_queued_tokens_per_peer=args.max_queued_tokens_per_peer,
         throughput=args.throughput, balance_period=args.balance_period, balance_margin=args.balance_margin,
         drain_timeout=args.drain_timeout, identity_path=args.identity, announce_maddrs=announce_maddrs,
-        relay_via=args.relay_via, relay=args.relay, swarm_key_path=args.swarm_key, public_name=args.public_name,
+        relay_via=args.relay_via, relay=args.relay, direct_streams=args.direct_streams, swarm_key_path=args.swarm_key, public_name=args.public_name,
         session_timeout=args.session_timeout, announce_period=args.announce_period, metrics_port=args.metrics_port,
         record_ttl=3 * args.announce_period,  # a node that vanished drops out of routing after three missed refreshes
     )

@@ -1,5 +1,7 @@
 """The node daemon: serves inference sessions over libp2p streams and announces itself in the DHT.
 
+Peers on the same machine get the same streams over a unix socket instead (swarm/direct.py).
+
 One stream is one session: the client opens it with an ``open`` frame and the session ends (its pages return
 to the pool) when the client closes the stream, sends ``close``, or goes idle for longer than the session
 timeout. A step's input comes from the client (a ``step`` frame) or from the previous node of the session's
@@ -38,10 +40,11 @@ from node.metrics import NodeCollector, serve_metrics
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
 from node.span import Span, block_bytes, block_cache_bytes_per_token
 from node.throughput import Throughput, cached_estimate, model_identity, probe
-from swarm import protocol, rpc
+from swarm import direct, protocol, rpc
 from swarm.balancing import better_start, choose_span
 from swarm.checkpoint import load_config
 from swarm.dht import shutdown_dht
+from swarm.direct import DirectServer
 from swarm.protocol import (
     PAGE_HASH_BYTES,
     ProtocolError,
@@ -118,6 +121,7 @@ class NodeConfig:
     announce_maddrs: list[str] = field(default_factory=list)
     relay_via: list[str] = field(default_factory=list)  # relays this node is reached through (not directly)
     relay: bool = False  # relay connections for peers that are not directly reachable
+    direct_streams: bool = True  # serve peers on this machine on a unix socket as well (swarm/direct.py)
     swarm_key_path: str | None = None  # a private swarm's key file
     public_name: str = ""
     session_timeout: float = 300.0
@@ -160,6 +164,7 @@ class Node:
         self.rtts: dict[str, float] = {}
         self.streams: dict[str, ClientStream] = {}  # by session id
         self._push_writers: dict[str, asyncio.StreamWriter] = {}
+        self.direct: DirectServer | None = None  # this node's unix socket, where the platform has them
         self._scheduler_task: asyncio.Task | None = None
         self._stop = asyncio.Event()  # exit now
         self._leaving = asyncio.Event()  # drain, then exit
@@ -179,7 +184,8 @@ class Node:
                           max_length=self.max_length, page_size=self.config.page_size,
                           dtype=protocol.DTYPE_NAMES[self.config.dtype], throughput=self.throughput.decode,
                           prefill_throughput=self.throughput.prefill, rtts=self.rtts,
-                          relayed=bool(self.config.relay_via), public_name=self.config.public_name, **self._load())
+                          relayed=bool(self.config.relay_via), public_name=self.config.public_name,
+                          host=direct.HOST if self.direct else "", **self._load())
 
     async def _announce(self) -> None:
         await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl, self.swarm_key)
@@ -201,6 +207,10 @@ class Node:
             self.p2p = await self.dht.replicate_p2p()
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
+            if self.config.direct_streams and direct.HOST:
+                self.direct = DirectServer({protocol.INFERENCE_HANDLER: self._serve_stream,
+                                            protocol.PUSH_HANDLER: self._serve_push})
+                await self.direct.start()
             if self.config.metrics_port is not None:
                 collector = NodeCollector(lambda: self.scheduler.stats() if self.scheduler else {}, self._metrics_info)
                 self._metrics = await serve_metrics(collector, self.config.host, self.config.metrics_port)
@@ -418,6 +428,8 @@ class Node:
             self._scheduler_task.cancel()
         if self._metrics is not None:
             await self._metrics.cleanup()
+        if self.direct is not None:
+            await self.direct.stop()
         if self.dht is not None and self.dht.is_alive():
             try:
                 await asyncio.wait_for(self._announce(), 5)
@@ -444,8 +456,11 @@ class Node:
 
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()
-        if not await self._member(peer, reader, writer):
-            return
+        if await self._member(peer, reader, writer):
+            await self._serve_stream(peer, reader, writer)
+
+    async def _serve_stream(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve an inference stream from peer, over libp2p or directly (swarm/direct.py)."""
         stream: ClientStream | None = None
         try:
             while True:
@@ -490,7 +505,13 @@ class Node:
                     elif message["type"] == "stats":
                         reply = pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start,
                                      end=self.end, state=self.state.value, throughput=self.throughput.decode,
-                                     cpu_s=time.process_time(), chains=self._chains())
+                                     cpu_s=time.process_time(), chains=self._chains(),
+                                     direct_streams=self.direct.accepted if self.direct else 0)
+                    elif message["type"] == "direct":
+                        handler = message.get("handler")
+                        if self.direct is None or handler not in self.direct.handlers:
+                            raise RequestError("bad_request", f"this node serves no direct streams to {handler!r}")
+                        reply = pack("direct", **self.direct.ticket(peer, handler))
                     elif message["type"] == "close":
                         break
                     else:
@@ -522,11 +543,13 @@ class Node:
         return error_frame("internal", f"node error: {type(error).__name__}: {error}")
 
     async def _handle_push(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id.to_base58()
+        if await self._member(peer, reader, writer):
+            await self._serve_push(peer, reader, writer)
+
+    async def _serve_push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Steps pushed by the previous node of sessions' chains; each runs as if its client had sent it, and
         the reply (or error) goes to that client."""
-        peer = stream_info.peer_id.to_base58()
-        if not await self._member(peer, reader, writer):
-            return
         try:
             while (frame := await read_frame(reader)) is not None:
                 try:
@@ -587,7 +610,8 @@ class Node:
         try:
             if peer not in self._push_writers:
                 _, self._push_writers[peer] = await asyncio.wait_for(
-                    rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key), 5)
+                    rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key,
+                                    direct=direct.reachable(target.get("host"))), 5)
             await write_frame(self._push_writers[peer], frame)
         except Exception as e:
             logger.info("could not push to %s: %s", peer, e)

@@ -35,6 +35,7 @@ class LocalSwarm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen] = []
         self.initial_peers: list[str] = []
+        self.node_arguments: list[str] = []  # given to every node it starts
 
     def __enter__(self) -> LocalSwarm:
         return self
@@ -80,7 +81,7 @@ class LocalSwarm:
         processes = [
             self._spawn(f"node-{len(self.processes)}-{f'{span[0]}-{span[1]}' if span else 'auto'}",
                         SWARM + ["node", "--model", str(model), *(["--blocks", f"{span[0]}:{span[1]}"] if span else []),
-                                 "--initial-peers", *self.initial_peers, *extra], netns)
+                                 "--initial-peers", *self.initial_peers, *self.node_arguments, *extra], netns)
             for span in spans
         ]
         for process in processes:

@@ -56,6 +56,7 @@ class NodeRecord:
     rtts: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds to peers serving the next blocks
     relayed: bool = False  # reachable only through a libp2p relay
     public_name: str = ""
+    host: str = ""  # the machine and network namespace of a node that takes direct streams (swarm/direct.py)
     timestamp: float = 0.0  # DHT time of the announcement
     version: str = SOFTWARE_VERSION
     protocol: int = PROTOCOL_VERSION
@@ -82,6 +83,8 @@ class NodeRecord:
         if not (isinstance(record.rtts, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
                                                        for k, v in record.rtts.items())):
             raise ValueError("rtts must map peer ids to seconds")
+        if not isinstance(record.host, str):
+            raise ValueError("host must be a string")
         return record
 
     @property

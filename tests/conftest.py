@@ -58,6 +58,9 @@ def local_swarm(bootstrap, tmp_path):
     """Nodes started through this swarm join the shared bootstrap peer and are stopped after the test."""
     with LocalSwarm(tmp_path / "logs") as swarm:
         swarm.initial_peers = bootstrap
+        # Swarms of many machines stream over libp2p, so that is what tests on loopback exercise; the nodes'
+        # direct streams on one machine are tests/test_direct.py's.
+        swarm.node_arguments = ["--no-direct-streams"]
         yield swarm
 
 

@@ -1,0 +1,126 @@
+"""Direct streams between processes on one machine (swarm/direct.py): sessions and pushes take the nodes' unix
+sockets instead of two libp2p daemons, with the same tokens; a ticket is good once and only for its holder's
+stream; without a usable socket everything goes over libp2p as before."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import DistributedModelForCausalLM
+from client.remote import run_coroutine
+from conftest import assert_same_tokens
+from swarm import direct, protocol, rpc
+from swarm.protocol import pack, read_frame, unpack, write_frame
+
+
+@pytest.fixture(autouse=True)
+def direct_streams(local_swarm):
+    local_swarm.node_arguments = []  # conftest turns them off for the other tests
+
+
+def generate_and_count(path, swarm, nodes) -> tuple[torch.Tensor, list[int]]:
+    """Greedy tokens of a prompt through the swarm, and each node's direct streams afterwards."""
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
+        ids = torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+        tokens = model.generate(ids, max_new_tokens=12, do_sample=False)
+        counts = [run_coroutine(model.connection.node_stats(node.peer_id))["direct_streams"] for node in nodes]
+    return tokens, counts
+
+
+def local_tokens(path) -> tuple[torch.Tensor, AutoModelForCausalLM]:
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+    return local.generate(ids, max_new_tokens=12, do_sample=False), local
+
+
+def test_a_session_on_one_machine_streams_directly(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)])
+    tokens, counts = generate_and_count(path, local_swarm, nodes)
+    # the first node: the client's session; the second: the client's session and the first node's pushes
+    assert counts == [1, 2]
+    expected, local = local_tokens(path)
+    assert_same_tokens(tokens, expected, local)
+
+
+def test_a_node_told_not_to_takes_no_direct_streams(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--no-direct-streams")
+    tokens, counts = generate_and_count(path, local_swarm, nodes)
+    assert counts == [0, 0]
+    expected, local = local_tokens(path)
+    assert_same_tokens(tokens, expected, local)
+
+
+def test_a_ticket_opens_one_stream_of_its_holder(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    (node,) = local_swarm.start_nodes(path, [(0, 4)])
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        p2p = model.connection.p2p
+
+        async def ticket() -> dict:
+            return await rpc.call(p2p, node.peer_id, pack("direct", handler=protocol.INFERENCE_HANDLER))
+
+        async def present(path: str, ticket) -> bytes | None:
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                await write_frame(writer, pack("ticket", ticket=ticket))
+                return await asyncio.wait_for(read_frame(reader), 5)
+            finally:
+                writer.close()
+
+        async def check() -> None:
+            granted = await ticket()
+            assert granted["type"] == "direct"
+            assert await present(granted["path"], os.urandom(16)) is None  # an unknown ticket: the node hangs up
+            assert await present(granted["path"], [1, 2]) is None  # garbage in its place too
+            assert unpack(await present(granted["path"], granted["ticket"]))["type"] == "ticket_ok"
+            assert await present(granted["path"], granted["ticket"]) is None  # used once already
+            refused = await rpc.call(p2p, node.peer_id, pack("direct", handler="swarm.unknown"))
+            assert refused["type"] == "error" and refused["code"] == "bad_request"
+            # a direct stream is served as a libp2p stream is
+            granted = await ticket()
+            reader, writer = await direct.connect(granted["path"], granted["ticket"])
+            await write_frame(writer, pack("ping"))
+            assert unpack(await read_frame(reader))["type"] == "pong"
+            writer.close()
+
+        run_coroutine(check())
+        ids = torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+        tokens = model.generate(ids, max_new_tokens=12, do_sample=False)  # the node serves on
+    expected, local = local_tokens(path)
+    assert_same_tokens(tokens, expected, local)
+
+
+def test_without_a_usable_socket_sessions_go_over_libp2p(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)])
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        for node in nodes:  # as if the nodes ran in another mount namespace: the announced socket is not there
+            reply = run_coroutine(rpc.call(model.connection.p2p, node.peer_id,
+                                           pack("direct", handler=protocol.INFERENCE_HANDLER)))
+            os.remove(reply["path"])
+    tokens, counts = generate_and_count(path, local_swarm, nodes)
+    assert counts == [0, 0]
+    expected, local = local_tokens(path)
+    assert_same_tokens(tokens, expected, local)
+
+
+def test_a_peer_writes_only_to_a_swarm_nodes_socket(tmp_path):
+    """A node names the socket path in its reply: a path that is not a node's socket of this user (another
+    program's socket, say) is refused before anything is written to it."""
+    async def check() -> None:
+        accepted = []
+        other = await asyncio.start_unix_server(lambda r, w: accepted.append(w), str(tmp_path / "other.sock"))
+        try:
+            for path in (str(tmp_path / "other.sock"), str(tmp_path / "node.sock"), 42):
+                with pytest.raises(ConnectionError):
+                    await direct.connect(path, os.urandom(16))
+        finally:
+            other.close()
+        assert accepted == []
+
+    asyncio.run(check())
