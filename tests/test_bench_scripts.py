@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
 
 
@@ -39,6 +41,7 @@ def test_compression_bench_prints_one_json_line():
     assert all(0 < r["compressed_fraction"] < 1 and r["break_even_mbit_s"] > 0 for r in results.values())
 
 
+@pytest.mark.slow  # failover itself is tests/test_failover.py's; this checks the script
 def test_failover_bench_prints_one_json_line():
     figures = run_script(BENCH / "failover.py", "--context", "300", "--rounds", "1")
     assert figures["failovers"] == 1 and len(figures["kill_to_next_token_s"]) == 1
@@ -51,6 +54,7 @@ def test_chaos_runner_completes_every_session_exactly():
     assert figures["sessions_started"] == figures["sessions_completed"] == figures["exact"] > 0, figures
 
 
+@pytest.mark.slow  # the server itself is tests/test_api.py's; this checks the script
 def test_api_bench_prints_one_json_line():
     figures = run_script(BENCH / "api.py", "--concurrency", "1", "2", "--max-tokens", "6", "--requests-per-slot", "1",
                          "--long-tokens", "12")
