@@ -164,7 +164,7 @@ class Node:
         self.rtts: dict[str, float] = {}
         self.streams: dict[str, ClientStream] = {}  # by session id
         self._push_writers: dict[str, asyncio.StreamWriter] = {}
-        self.direct: DirectServer | None = None  # this node's unix socket, where the platform has them
+        self.direct_server: DirectServer | None = None  # this node's unix socket, where the platform has them
         self._scheduler_task: asyncio.Task | None = None
         self._stop = asyncio.Event()  # exit now
         self._leaving = asyncio.Event()  # drain, then exit
@@ -185,7 +185,7 @@ class Node:
                           dtype=protocol.DTYPE_NAMES[self.config.dtype], throughput=self.throughput.decode,
                           prefill_throughput=self.throughput.prefill, rtts=self.rtts,
                           relayed=bool(self.config.relay_via), public_name=self.config.public_name,
-                          host=direct.HOST if self.direct else "", **self._load())
+                          host=direct.HOST if self.direct_server else "", **self._load())
 
     async def _announce(self) -> None:
         await announce(self.dht, self.config.model_name, self.record(), self.config.record_ttl, self.swarm_key)
@@ -208,9 +208,9 @@ class Node:
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
             if self.config.direct_streams and direct.HOST:
-                self.direct = DirectServer({protocol.INFERENCE_HANDLER: self._serve_stream,
+                self.direct_server = DirectServer({protocol.INFERENCE_HANDLER: self._serve_stream,
                                             protocol.PUSH_HANDLER: self._serve_push})
-                await self.direct.start()
+                await self.direct_server.start()
             if self.config.metrics_port is not None:
                 collector = NodeCollector(lambda: self.scheduler.stats() if self.scheduler else {}, self._metrics_info)
                 self._metrics = await serve_metrics(collector, self.config.host, self.config.metrics_port)
@@ -428,8 +428,8 @@ class Node:
             self._scheduler_task.cancel()
         if self._metrics is not None:
             await self._metrics.cleanup()
-        if self.direct is not None:
-            await self.direct.stop()
+        if self.direct_server is not None:
+            await self.direct_server.stop()
         if self.dht is not None and self.dht.is_alive():
             try:
                 await asyncio.wait_for(self._announce(), 5)
@@ -506,12 +506,12 @@ class Node:
                         reply = pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start,
                                      end=self.end, state=self.state.value, throughput=self.throughput.decode,
                                      cpu_s=time.process_time(), chains=self._chains(),
-                                     direct_streams=self.direct.accepted if self.direct else 0)
+                                     direct_streams=self.direct_server.accepted if self.direct_server else 0)
                     elif message["type"] == "direct":
                         handler = message.get("handler")
-                        if self.direct is None or handler not in self.direct.handlers:
+                        if self.direct_server is None or handler not in self.direct_server.handlers:
                             raise RequestError("bad_request", f"this node serves no direct streams to {handler!r}")
-                        reply = pack("direct", **self.direct.ticket(peer, handler))
+                        reply = pack("direct", **self.direct_server.ticket(peer, handler))
                     elif message["type"] == "close":
                         break
                     else:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from swarm.cli import EXIT_WITH_PARENT  # noqa: E402
+
 SWARM = [sys.executable, "-m", "swarm.cli"]
 
 
@@ -45,7 +47,7 @@ class LocalSwarm:
 
     def _spawn(self, name: str, args: list[str], netns: str | None = None) -> subprocess.Popen:
         # the child ends with this process even when it is killed before it can stop its children
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWARM_EXIT_WITH_PARENT": str(os.getpid())}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", EXIT_WITH_PARENT: str(os.getpid())}
         log = open(self.log_dir / f"{name}.log", "w")
         args = ["ip", "netns", "exec", netns, *args] if netns else args
         # its own process group: killing a node must also end its DHT process and libp2p daemon

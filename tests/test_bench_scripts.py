@@ -26,6 +26,7 @@ def test_batching_bench_prints_one_json_line():
     assert figures["kv_utilization"]["3"] == round(26 / 32, 3)
 
 
+@pytest.mark.slow  # pushing itself is tests/test_formation.py's; this checks the script
 def test_push_bench_prints_one_json_line():
     figures = run_script(BENCH / "push.py", "--hidden-size", "256", "--steps", "10")
     assert set(figures["per_token_ms"]) == {"push", "no_push", "one_node"}
