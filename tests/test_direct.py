@@ -36,21 +36,15 @@ def local_tokens(path) -> tuple[torch.Tensor, AutoModelForCausalLM]:
     return local.generate(ids, max_new_tokens=12, do_sample=False), local
 
 
-def test_a_session_on_one_machine_streams_directly(tiny_model, local_swarm):
+# direct streams each node served: the first node, the client's session; the second, the client's session and
+# the first node's pushes
+@pytest.mark.parametrize("arguments, served", [((), [1, 2]), (("--no-direct-streams",), [0, 0])],
+                         ids=["on-one-machine", "told-not-to"])
+def test_a_session_on_one_machine_streams_directly_unless_told_not_to(tiny_model, local_swarm, arguments, served):
     path = tiny_model("llama")
-    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)])
+    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], *arguments)
     tokens, counts = generate_and_count(path, local_swarm, nodes)
-    # the first node: the client's session; the second: the client's session and the first node's pushes
-    assert counts == [1, 2]
-    expected, local = local_tokens(path)
-    assert_same_tokens(tokens, expected, local)
-
-
-def test_a_node_told_not_to_takes_no_direct_streams(tiny_model, local_swarm):
-    path = tiny_model("llama")
-    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--no-direct-streams")
-    tokens, counts = generate_and_count(path, local_swarm, nodes)
-    assert counts == [0, 0]
+    assert counts == served
     expected, local = local_tokens(path)
     assert_same_tokens(tokens, expected, local)
 
