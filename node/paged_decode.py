@@ -36,8 +36,11 @@ def _partition_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_pt
     dims = tl.arange(0, HEAD_PAD)
     heads = kv_head * GROUP + group
     rows = group[:, None] < GROUP
+    # The grid spans the longest sequence a graph can hold; a partition outside this sequence's keys reads and
+    # writes nothing, and the merge skips it.
+    dims_used = tl.where(lo < hi, HEAD_DIM, 0)
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=rows & (dims[None, :] < HEAD_DIM), other=0.0)
+                mask=rows & (dims[None, :] < dims_used), other=0.0)
 
     # a finite floor instead of -inf keeps exp(m - m_new) defined while a row has seen only masked keys
     m = tl.full([GROUP_PAD], -1e30, tl.float32)
@@ -61,23 +64,28 @@ def _partition_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_pt
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    out = acc / tl.maximum(s, 1e-30)[:, None]  # an empty partition leaves zeros, weighted 0 when merged
+    out = acc / tl.maximum(s, 1e-30)[:, None]
     row = seq * stride_ob + heads * stride_oh + part * stride_op
-    tl.store(out_ptr + row[:, None] + dims[None, :], out, mask=rows & (dims[None, :] < HEAD_DIM))
+    tl.store(out_ptr + row[:, None] + dims[None, :], out, mask=rows & (dims[None, :] < dims_used))
     stat = (seq * tl.num_programs(1) * GROUP + heads) * NUM_PARTITIONS + part
-    tl.store(max_ptr + stat, m, mask=group < GROUP)
-    tl.store(sum_ptr + stat, s, mask=group < GROUP)
+    groups_used = tl.where(lo < hi, GROUP, 0)
+    tl.store(max_ptr + stat, m, mask=group < groups_used)
+    tl.store(sum_ptr + stat, s, mask=group < groups_used)
 
 
 @triton.jit
-def _merge_kernel(partial_ptr, max_ptr, sum_ptr, out_ptr, stride_pb, stride_ph, stride_pp, stride_ob, stride_oh,
-                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
-                  PARTS_PAD: tl.constexpr):
+def _merge_kernel(partial_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, window, stride_pb, stride_ph, stride_pp,
+                  stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+                  NUM_PARTITIONS: tl.constexpr, PARTS_PAD: tl.constexpr):
     seq, head = tl.program_id(0), tl.program_id(1)
     parts = tl.arange(0, PARTS_PAD)
     dims = tl.arange(0, HEAD_PAD)
     stat = (seq * tl.num_programs(1) + head) * NUM_PARTITIONS + parts
-    in_range = parts < NUM_PARTITIONS
+    # the partitions that hold keys of this sequence: the partition kernel wrote only these
+    length = tl.load(lens_ptr + seq)
+    first = tl.where(window > 0, tl.maximum(length - window, 0), 0) // BLOCK_N * BLOCK_N
+    in_range = (parts >= first // PARTITION) & (parts <= (length - 1) // PARTITION) & (parts < NUM_PARTITIONS)
     m = tl.load(max_ptr + stat, mask=in_range, other=-1e30)
     s = tl.load(sum_ptr + stat, mask=in_range, other=0.0)
     weight = s * tl.exp(m - tl.max(m, 0))
@@ -119,9 +127,9 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
         PARTITION=PARTITION, BLOCK_N=BLOCK_N, NUM_PARTITIONS=num_partitions,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
     _merge_kernel[(batch, heads)](
-        partial, maxes, sums, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
-        out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, NUM_PARTITIONS=num_partitions,
-        PARTS_PAD=triton.next_power_of_2(num_partitions))
+        partial, maxes, sums, lengths, out, window or 0, partial.stride(0), partial.stride(1), partial.stride(2),
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, PARTITION=PARTITION, BLOCK_N=BLOCK_N,
+        NUM_PARTITIONS=num_partitions, PARTS_PAD=triton.next_power_of_2(num_partitions))
     return out
 
 
