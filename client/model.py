@@ -3,7 +3,8 @@
 The client builds the family's own CausalLM class with its decoder stack replaced by one ``SwarmLayers``
 module, and loads only the weights outside the stack. The family's forward therefore computes everything
 it computes outside its layers (embeddings and their scaling, learned positions, final norm, lm head,
-logit softcapping) exactly as the local model would, and ``generate`` is transformers' own.
+logit softcapping) exactly as the local model would, and ``generate`` is transformers' own, or for plain
+greedy and sampled decoding a shorter loop with the same results (client/generation.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
 
+from client.generation import decode, lean_settings
 from client.remote import SwarmConnection
 from client.session import InferenceSession
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
@@ -171,17 +173,29 @@ class DistributedModelForCausalLM:
                 yield session
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
-        kwargs["use_cache"] = False
+        """transformers' generate(), through a session of its own unless one is open. Plain greedy and sampled
+        decoding runs client/generation.py's shorter loop instead, with the same results."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        settings = None if args else lean_settings(self.generation_config, input_ids,
+                                                   {k: v for k, v in kwargs.items() if k != "input_ids"})
         if self.swarm_layers.run is not None:
-            return super().generate(inputs, *args, **kwargs)
-        input_ids = inputs if inputs is not None else kwargs["input_ids"]
-        config = kwargs.get("generation_config") or self.generation_config
-        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-        max_length = (input_ids.shape[1] + max_new_tokens if max_new_tokens is not None
-                      else kwargs.get("max_length", config.max_length))
+            return self._generate(settings, inputs, args, kwargs)
+        if settings is not None:
+            max_length = settings["max_length"]
+        else:
+            config = kwargs.get("generation_config") or self.generation_config
+            max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+            max_length = (input_ids.shape[1] + max_new_tokens if max_new_tokens is not None
+                          else kwargs.get("max_length", config.max_length))
         with self.inference_session(max_length=max_length, batch_size=input_ids.shape[0]):
-            return super().generate(inputs, *args, **kwargs)
+            return self._generate(settings, inputs, args, kwargs)
+
+    def _generate(self, settings: dict | None, inputs: torch.Tensor | None, args: tuple, kwargs: dict) -> torch.Tensor:
+        if settings is not None:
+            input_ids = inputs if inputs is not None else kwargs["input_ids"]
+            return decode(self, input_ids, kwargs.get("attention_mask"), settings, kwargs.get("streamer"))
+        # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
+        return super().generate(inputs, *args, **{**kwargs, "use_cache": False})
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,

@@ -8,7 +8,7 @@ temporary folder), so the nodes load the same weights. In one run:
   - local transformers `generate` (eager, greedy, bfloat16, its default attention) and then the swarm's
     `generate` (client embeddings and head on the same GPU; nodes with paged KV cache and CUDA graphs) each
     decode --new-tokens tokens after prompts of each --contexts length; per-token latency is the median
-    time between consecutive decode steps (a logits processor stamps them after a device sync);
+    time between consecutive decode steps (a streamer stamps them after a device sync);
   - aggregate decode tokens/s of N concurrent sessions (--sessions), spread over --client-processes
     client processes: each session is a coroutine that decodes greedily, one token per step. In a
     deployment every user computes embeddings and the head on their own machine; here the users of one
@@ -76,29 +76,29 @@ def copy_bandwidth() -> float:
 
 
 class StepClock:
-    """A logits processor that stamps each decode step after the device has finished it."""
+    """A streamer that stamps each new token after the device has finished it (the first put is the prompt)."""
 
     def __init__(self):
         self.stamps: list[float] = []
 
-    def __call__(self, input_ids, scores):
+    def put(self, value: torch.Tensor) -> None:
         torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
-        return scores
+
+    def end(self) -> None:
+        pass
 
     def median_ms(self) -> float:
-        return 1000 * statistics.median(b - a for a, b in zip(self.stamps, self.stamps[1:]))
+        tokens = self.stamps[1:]
+        return 1000 * statistics.median(b - a for a, b in zip(tokens, tokens[1:]))
 
 
 def decode_latency_ms(model, context: int, new_tokens: int) -> tuple[float, list[int]]:
     """Median per-token latency of greedy generate after a random prompt of context tokens; and the tokens."""
-    from transformers import LogitsProcessorList
-
     ids = torch.randint(3, 1000, (1, context), generator=torch.Generator().manual_seed(context)).to(model.device)
     model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up: first-time kernel choices
     clock = StepClock()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         logits_processor=LogitsProcessorList([clock]))
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
     return clock.median_ms(), out[0, context:].tolist()
 
 
