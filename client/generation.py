@@ -21,6 +21,10 @@ LEAN_SETTINGS = frozenset({"max_new_tokens", "max_length", "min_new_tokens", "do
                            "top_p", "eos_token_id", "pad_token_id"})
 # entries of a generation config that change nothing here (the nodes hold the cache whatever use_cache says)
 _INERT = frozenset({"bos_token_id", "use_cache", "transformers_version", "_from_model_config"})
+# values that switch a setting off; None and False do for every setting
+_OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "min_length": 0, "no_repeat_ngram_size": 0,
+        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
+        "num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
 # transformers' values for settings left unset
 _DEFAULTS = {"max_length": 20, "max_new_tokens": None, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0,
              "top_k": 50, "top_p": 1.0, "eos_token_id": None, "pad_token_id": None}
@@ -29,9 +33,8 @@ _DEFAULTS = {"max_length": 20, "max_new_tokens": None, "min_new_tokens": 0, "do_
 def lean_settings(generation_config: GenerationConfig, input_ids: torch.Tensor | None,
                   kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The settings of a generate(input_ids, **kwargs) call if ``decode`` can run it exactly, else None."""
-    own = generation_config.to_diff_dict()
-    if any(own.pop(name, False) for name in ("output_attentions", "output_hidden_states")):
-        return None
+    own = {name: value for name, value in generation_config.to_diff_dict().items()
+           if name in LEAN_SETTINGS or not (value is None or value is False or _OFF.get(name, ...) == value)}
     calls = {name: value for name, value in kwargs.items() if name not in ("attention_mask", "streamer", "use_cache")}
     if input_ids is None or not own.keys() <= LEAN_SETTINGS | _INERT or not calls.keys() <= LEAN_SETTINGS:
         return None
