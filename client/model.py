@@ -193,7 +193,8 @@ class DistributedModelForCausalLM:
     def _generate(self, settings: dict | None, inputs: torch.Tensor | None, args: tuple, kwargs: dict) -> torch.Tensor:
         if settings is not None:
             input_ids = inputs if inputs is not None else kwargs["input_ids"]
-            return decode(self, input_ids, kwargs.get("attention_mask"), settings, kwargs.get("streamer"))
+            return decode(self, input_ids, kwargs.get("attention_mask"), settings, kwargs.get("streamer"),
+                          kwargs.get("stopping_criteria"))
         # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
         return super().generate(inputs, *args, **{**kwargs, "use_cache": False})
 

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from client.generation import decode, lean_settings
 
@@ -70,6 +77,27 @@ def test_eos_ends_each_row_and_pads_it_as_transformers_does(local):
     assert ours.shape[1] <= PROMPT.shape[1] + 3
 
 
+class EndRowAt(StoppingCriteria):
+    """Ends one row once the sequence reaches a length."""
+
+    def __init__(self, row: int, length: int):
+        self.row, self.length = row, length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done[self.row] = input_ids.shape[1] >= self.length
+        return done
+
+
+def test_stopping_criteria_end_rows_as_in_transformers(local):
+    case = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    length = PROMPT.shape[1]
+    for criteria in ([EndRowAt(0, length + 3)], [EndRowAt(0, length + 3), EndRowAt(1, length + 5)]):
+        ours = decode(local, PROMPT, None, lean_settings(local.generation_config, PROMPT, case), None, criteria)
+        assert torch.equal(ours, local.generate(PROMPT, stopping_criteria=StoppingCriteriaList(criteria), **case))
+    assert ours.shape[1] == length + 5  # generation ends once every row has ended
+
+
 def test_the_streamer_gets_what_transformers_gives_it(local):
     case = dict(max_new_tokens=5, do_sample=False)
     ours, theirs = Recorder(), Recorder()
@@ -82,9 +110,10 @@ def test_the_streamer_gets_what_transformers_gives_it(local):
 def test_other_settings_go_to_transformers_generate(local):
     plain = dict(max_new_tokens=4, do_sample=False)
     assert lean_settings(local.generation_config, PROMPT, plain) is not None
+    assert lean_settings(local.generation_config, PROMPT, dict(plain, stopping_criteria=[EndRowAt(0, 9)])) is not None
     for extra in (dict(repetition_penalty=1.3), dict(num_beams=2), dict(return_dict_in_generate=True),
                   dict(logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)])),
-                  dict(eos_token_id=torch.tensor([2]))):
+                  dict(eos_token_id=torch.tensor([2])), dict(eos_token_id=None)):
         assert lean_settings(local.generation_config, PROMPT, {**plain, **extra}) is None, extra
     # the model's own generation config counts too
     beams = GenerationConfig.from_dict({**local.generation_config.to_dict(), "num_beams": 2})
