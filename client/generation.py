@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 LEAN_SETTINGS = frozenset({"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
@@ -68,11 +68,11 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
            stopping_criteria: list[StoppingCriteria] | None = None) -> torch.Tensor:
     """Greedy or sampled decoding of input_ids [batch, length] by model (the open session's), as transformers'
     generate() with these settings, streamer and extra stopping criteria; returns the prompts and their new
-    tokens, rows that ended on EOS padded."""
+    tokens, where a model has an EOS token each row padded after it ended."""
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     eos = torch.tensor(settings["eos_token_id"], dtype=torch.long, device=device)
-    warpers = LogitsProcessorList()
+    warpers: list[LogitsProcessor] = []  # called directly: LogitsProcessorList inspects each one's signature per call
     if settings["do_sample"]:  # transformers' order
         if settings["temperature"] != 1.0:
             warpers.append(TemperatureLogitsWarper(settings["temperature"]))
@@ -91,7 +91,9 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         if len(eos) and input_ids.shape[1] - prompt_length < settings["min_new_tokens"]:
             scores[:, eos] = float("-inf")
         if settings["do_sample"]:
-            tokens = torch.multinomial(warpers(input_ids, scores).softmax(-1), num_samples=1)[:, 0]
+            for warp in warpers:
+                scores = warp(input_ids, scores)
+            tokens = torch.multinomial(scores.softmax(-1), num_samples=1)[:, 0]
         else:
             tokens = scores.argmax(-1)
         if len(eos):
