@@ -179,24 +179,25 @@ class DistributedModelForCausalLM:
         settings = None if args else lean_settings(self.generation_config, input_ids,
                                                    {k: v for k, v in kwargs.items() if k != "input_ids"})
         if self.swarm_layers.run is not None:
-            return self._generate(settings, inputs, args, kwargs)
-        if settings is not None:
-            max_length = settings["max_length"]
+            session = contextlib.nullcontext()
         else:
-            config = kwargs.get("generation_config") or self.generation_config
-            max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-            max_length = (input_ids.shape[1] + max_new_tokens if max_new_tokens is not None
-                          else kwargs.get("max_length", config.max_length))
-        with self.inference_session(max_length=max_length, batch_size=input_ids.shape[0]):
-            return self._generate(settings, inputs, args, kwargs)
+            session = self.inference_session(max_length=self._generation_length(settings, input_ids, kwargs),
+                                             batch_size=input_ids.shape[0])
+        with session:
+            if settings is not None:
+                return decode(self, input_ids, kwargs.get("attention_mask"), settings, kwargs.get("streamer"),
+                              kwargs.get("stopping_criteria"))
+            # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
+            return super().generate(inputs, *args, **{**kwargs, "use_cache": False})
 
-    def _generate(self, settings: dict | None, inputs: torch.Tensor | None, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _generation_length(self, settings: dict | None, input_ids: torch.Tensor, kwargs: dict) -> int:
+        """The longest sequence a generate() call can reach: its session's max_length."""
         if settings is not None:
-            input_ids = inputs if inputs is not None else kwargs["input_ids"]
-            return decode(self, input_ids, kwargs.get("attention_mask"), settings, kwargs.get("streamer"),
-                          kwargs.get("stopping_criteria"))
-        # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
-        return super().generate(inputs, *args, **{**kwargs, "use_cache": False})
+            return settings["max_length"]
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        return (input_ids.shape[1] + max_new_tokens if max_new_tokens is not None
+                else kwargs.get("max_length", config.max_length))
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,

@@ -209,7 +209,7 @@ class Node:
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
             if self.config.direct_streams and direct.HOST:
                 self.direct_server = DirectServer({protocol.INFERENCE_HANDLER: self._serve_stream,
-                                            protocol.PUSH_HANDLER: self._serve_push})
+                                                   protocol.PUSH_HANDLER: self._serve_push})
                 await self.direct_server.start()
             if self.config.metrics_port is not None:
                 collector = NodeCollector(lambda: self.scheduler.stats() if self.scheduler else {}, self._metrics_info)
