@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.generation import decode, lean_settings
+from client.graphs import ClientGraphs
 from client.remote import SwarmConnection
 from client.session import InferenceSession
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
@@ -95,6 +97,7 @@ class DistributedModelForCausalLM:
     swarm_model_name: str
     session_options: dict
     swarm_layers: SwarmLayers
+    client_graphs: ClientGraphs | None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str] = PUBLIC_INITIAL_PEERS, *,
@@ -102,7 +105,8 @@ class DistributedModelForCausalLM:
                         device: str | torch.device = "cpu",
                         allowed_nodes: Collection[str] | None = None, blocked_nodes: Collection[str] = (),
                         push: bool = True, step_timeout: float = 10.0, failover_deadline: float = 60.0,
-                        compress: bool = False, swarm_key: str | Path | None = None) -> PreTrainedModel:
+                        compress: bool = False, swarm_key: str | Path | None = None,
+                        cuda_graphs: bool = True) -> PreTrainedModel:
         """Load the client's part of the model at path (embeddings, final norm, lm head) and join the swarm.
 
         model_name_in_swarm defaults to the folder's name, as for `swarm node`. The client's part runs on device
@@ -110,7 +114,8 @@ class DistributedModelForCausalLM:
         (peer ids) restrict the nodes sessions use; push=False makes the client carry every hop's output
         itself instead of nodes sending it to the next node. step_timeout, failover_deadline and compress
         (hidden states compressed losslessly, for slow links): see InferenceSession. swarm_key: the key file
-        of a private swarm.
+        of a private swarm. On a GPU, decode steps replay the client's part from CUDA graphs (client/graphs.py)
+        unless cuda_graphs is False.
         """
         config = load_config(path)
         family = causal_lm_class(config)
@@ -138,6 +143,8 @@ class DistributedModelForCausalLM:
                                  "step_timeout": step_timeout, "failover_deadline": failover_deadline,
                                  "compress": compress}
         model._detect_layer_output_convention()
+        model.client_graphs = (ClientGraphs(model._family_forward, model.swarm_layers, config.hidden_size, dtype,
+                                            model.device) if cuda_graphs and model.device.type == "cuda" else None)
         model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key)
         return model
 
@@ -224,11 +231,21 @@ class DistributedModelForCausalLM:
                              f"{session.lengths}: pass the whole sequence including new tokens")
         width = max(new_lengths)
         offsets = torch.arange(width)[None, :] - torch.tensor([width - n for n in new_lengths])[:, None]
-        positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0).to(input_ids.device)
-        run.new_lengths = new_lengths
-        run.token_ids = [row[width - n:] for row, n in zip(input_ids[:, -width:].tolist(), new_lengths)]
-        return super().forward(input_ids=input_ids[:, -width:], position_ids=positions, use_cache=False,
-                               logits_to_keep=logits_to_keep)
+        positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0)
+        token_ids = [row[width - n:] for row, n in zip(input_ids[:, -width:].tolist(), new_lengths)]
+        graphs = (self.client_graphs.get(len(new_lengths))
+                  if self.client_graphs is not None and width == 1 and isinstance(logits_to_keep, int)
+                  and logits_to_keep in (0, 1) and not torch.is_grad_enabled() else None)
+        if graphs is not None:
+            hidden = graphs.embed(input_ids[:, -1:], positions)
+            return CausalLMOutputWithPast(logits=graphs.head(session.step(hidden, new_lengths, token_ids)))
+        run.new_lengths, run.token_ids = new_lengths, token_ids
+        return super().forward(input_ids=input_ids[:, -width:], position_ids=positions.to(input_ids.device),
+                               use_cache=False, logits_to_keep=logits_to_keep)
+
+    def _family_forward(self, **inputs) -> CausalLMOutputWithPast:
+        """The family's own forward of one decode step, as client graphs capture it."""
+        return super().forward(**inputs, use_cache=False, logits_to_keep=1)
 
     def shutdown(self) -> None:
         """Leave the swarm: stops this client's DHT peer and its libp2p daemon."""

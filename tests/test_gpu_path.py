@@ -114,3 +114,49 @@ def test_a_gpu_node_sizes_its_kv_cache_from_free_memory(tiny_model, local_swarm)
         ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0)).to("cuda")
         swarm_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert_same_tokens(swarm_tokens, local.generate(ids, max_new_tokens=8, do_sample=False), local)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "gemma2"])
+def test_client_graphs_give_the_eager_clients_tokens_and_logits(family, tiny_model, local_swarm):
+    """A client on the GPU replays its part of decode steps (embeddings; final norm, softcapping and lm head)
+    from CUDA graphs: through transformers' generate and the lean loop, a batch with left padding decodes the
+    tokens and logits of a client that runs them eagerly."""
+    from client import DistributedModelForCausalLM
+
+    path = tiny_model(family)
+    local_swarm.start_nodes(path, [(0, 4)], "--model-name", f"graphs-{family}")
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(0)).to("cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    results = {}
+    for cuda_graphs in (True, False):
+        with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                         model_name_in_swarm=f"graphs-{family}", device="cuda",
+                                                         cuda_graphs=cuda_graphs) as model:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            lean = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+            if cuda_graphs:
+                assert set(model.client_graphs.graphs) == {2} and not model.client_graphs.failed
+            results[cuda_graphs] = out.sequences, torch.stack(out.logits, dim=1), lean
+    (sequences, logits, lean), (eager_sequences, eager_logits, eager_lean) = results[True], results[False]
+    assert torch.equal(sequences, eager_sequences) and torch.equal(lean, eager_lean)
+    torch.testing.assert_close(logits, eager_logits)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_client_whose_forward_waits_for_the_device_decodes_eagerly(tiny_model, local_swarm):
+    """Dynamic RoPE checks the longest position on the host, which a CUDA graph cannot capture: the client
+    gives up its graphs and decodes eagerly the local model's tokens."""
+    from client import DistributedModelForCausalLM
+
+    path = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    local_swarm.start_nodes(path, [(0, 4)], "--model-name", "graphs-dynamic-rope")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    ids = torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(0)).to("cuda")
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="graphs-dynamic-rope", device="cuda") as model:
+        tokens = model.generate(ids, max_new_tokens=10, do_sample=False)
+        assert model.client_graphs.failed and not model.client_graphs.graphs
+    assert_same_tokens(tokens, local.generate(ids, max_new_tokens=10, do_sample=False), local)
