@@ -38,7 +38,7 @@ def tiny_model(tmp_path_factory):
     made = {}
 
     def make(family: str = "llama", **options) -> Path:
-        key = (family, repr(sorted(options.items())))  # options may hold dicts
+        key = (family, tuple(sorted(options.items())))
         if key not in made:
             made[key] = make_tiny_model(tmp_path_factory.mktemp(family) / f"tiny-{family}", family, **options)
         return made[key]

@@ -147,16 +147,20 @@ def test_client_graphs_give_the_eager_clients_tokens_and_logits(family, tiny_mod
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_a_client_whose_forward_waits_for_the_device_decodes_eagerly(tiny_model, local_swarm):
-    """Dynamic RoPE checks the longest position on the host, which a CUDA graph cannot capture: the client
-    gives up its graphs and decodes eagerly the local model's tokens."""
+    """A client forward that reads a value back from the device (here a hook on the embeddings) cannot be
+    captured in a CUDA graph: the client gives up its graphs and decodes eagerly the local model's tokens."""
     from client import DistributedModelForCausalLM
 
-    path = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    local_swarm.start_nodes(path, [(0, 4)], "--model-name", "graphs-dynamic-rope")
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 4)], "--model-name", "graphs-fallback")
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
     ids = torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(0)).to("cuda")
     with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
-                                                     model_name_in_swarm="graphs-dynamic-rope", device="cuda") as model:
+                                                     model_name_in_swarm="graphs-fallback", device="cuda") as model:
+        def read_back(module, args, out):
+            out.isfinite().all().item()
+
+        model.get_input_embeddings().register_forward_hook(read_back)
         tokens = model.generate(ids, max_new_tokens=10, do_sample=False)
         assert model.client_graphs.failed and not model.client_graphs.graphs
     assert_same_tokens(tokens, local.generate(ids, max_new_tokens=10, do_sample=False), local)
