@@ -7,8 +7,7 @@ token on an H200 host, against 0.37-0.5 ms for the same kernels called by hand. 
 graphs, captured from one run of the family's forward split where it calls the swarm: ``before`` maps token
 ids and positions to the hidden states the swarm receives, ``after`` maps the swarm's output to logits.
 
-A family whose forward cannot be captured (one that waits for the device, as a rotary embedding that checks
-the longest position does) runs eagerly.
+A forward that cannot be captured (one that reads a value back from the device) runs eagerly.
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ BLOCK_N = 64  # keys per inner iteration
 
 
 @triton.jit
+def _window_start(length, window):
+    """The first key a sequence of length keys attends to: its sliding window's start (window 0: no window).
+    Both kernels derive which partitions hold attended keys from it, so they agree on those the merge reads."""
+    return tl.where(window > 0, tl.maximum(length - window, 0), 0)
+
+
+@triton.jit
 def _partition_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr,
                       scale, window, table_width,
                       stride_qb, stride_qh, stride_ks, stride_kh, stride_ob, stride_oh, stride_op,
@@ -28,7 +35,7 @@ def _partition_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_pt
                       PRECISION: tl.constexpr):
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lens_ptr + seq)
-    first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    first = _window_start(length, window)
     lo = tl.maximum(part * PARTITION, first // BLOCK_N * BLOCK_N)
     hi = tl.minimum((part + 1) * PARTITION, length)
 
@@ -84,7 +91,7 @@ def _merge_kernel(partial_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, window, stri
     stat = (seq * tl.num_programs(1) + head) * NUM_PARTITIONS + parts
     # the partitions that hold keys of this sequence: the partition kernel wrote only these
     length = tl.load(lens_ptr + seq)
-    first = tl.where(window > 0, tl.maximum(length - window, 0), 0) // BLOCK_N * BLOCK_N
+    first = _window_start(length, window) // BLOCK_N * BLOCK_N
     in_range = (parts >= first // PARTITION) & (parts <= (length - 1) // PARTITION) & (parts < NUM_PARTITIONS)
     m = tl.load(max_ptr + stat, mask=in_range, other=-1e30)
     s = tl.load(sum_ptr + stat, mask=in_range, other=0.0)
