@@ -16,9 +16,12 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from client.model import SwarmLayers
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +34,13 @@ class StepGraphs:
     forward(input_ids=, position_ids=) is the family's forward with its stack bound to ``swarm_layers``.
     """
 
-    def __init__(self, forward: Callable[..., Any], swarm_layers: Any, batch: int, hidden_size: int,
+    def __init__(self, forward: Callable[..., Any], swarm_layers: SwarmLayers, batch: int, hidden_size: int,
                  dtype: torch.dtype, device: torch.device):
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.swarm_output = torch.zeros(batch, 1, hidden_size, dtype=dtype, device=device)
         self.before, self.after = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.hidden: torch.Tensor  # the swarm's input: set where the capture splits
         # Threads may step sessions of one model at once, each on its current stream: a step waits on the
         # stream for the previous one's outputs to be copied out of the graphs' buffers.
         self.lock = threading.Lock()
@@ -57,24 +61,23 @@ class StepGraphs:
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The hidden states the swarm receives for input_ids [batch, 1] at positions [batch, 1]."""
-        with self.lock:
-            torch.cuda.current_stream().wait_event(self.copied)
-            self.ids.copy_(input_ids)
-            self.positions.copy_(positions)
-            self.before.replay()
-            hidden = self.hidden.clone()
-            self.copied.record()
-        return hidden
+        return self._replay(self.before, [(self.ids, input_ids), (self.positions, positions)], self.hidden)
 
     def head(self, swarm_output: torch.Tensor) -> torch.Tensor:
         """The logits [batch, 1, vocab] of the swarm's output [batch, 1, hidden_size]."""
+        return self._replay(self.after, [(self.swarm_output, swarm_output)], self.logits)
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                output: torch.Tensor) -> torch.Tensor:
         with self.lock:
-            torch.cuda.current_stream().wait_event(self.copied)
-            self.swarm_output.copy_(swarm_output)
-            self.after.replay()
-            logits = self.logits.clone()
-            self.copied.record()
-        return logits
+            stream = torch.cuda.current_stream(output.device)
+            stream.wait_event(self.copied)
+            for buffer, values in inputs:
+                buffer.copy_(values)
+            graph.replay()
+            result = output.clone()
+            self.copied.record(stream)
+        return result
 
 
 class _Split:
@@ -113,7 +116,7 @@ class _Split:
 class ClientGraphs:
     """StepGraphs per batch size, captured when a batch size first decodes; none after a capture failed."""
 
-    def __init__(self, forward: Callable[..., Any], swarm_layers: Any, hidden_size: int, dtype: torch.dtype,
+    def __init__(self, forward: Callable[..., Any], swarm_layers: SwarmLayers, hidden_size: int, dtype: torch.dtype,
                  device: torch.device):
         self.forward, self.swarm_layers = forward, swarm_layers
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
