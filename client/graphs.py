@@ -131,7 +131,7 @@ class ClientGraphs:
             if batch not in self.graphs:
                 try:
                     graphs = StepGraphs(self.forward, self.swarm_layers, batch, self.hidden_size, self.dtype, self.device)
-                except Exception as e:
+                except Exception as e:  # whatever the family's code raises under capture: eager decoding still works
                     self.failed = True
                     logger.warning("decode steps run the client's part eagerly: its forward cannot be captured in "
                                    "a CUDA graph (%s: %s)", type(e).__name__, e)
