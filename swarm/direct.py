@@ -16,6 +16,8 @@ import asyncio
 import hashlib
 import os
 import secrets
+import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 from swarm.protocol import ProtocolError, pack, read_frame, unpack, write_frame
 
 TICKET_SECONDS = 10.0
+STALE_SECONDS = 60.0  # a node's socket this old listens, unless its node was killed
 MAX_TICKETS = 4096  # unused tickets a node keeps; a peer that asks for more loses its oldest ones
 
 # serves one stream from an authenticated peer: (peer id, reader, writer)
@@ -64,6 +67,7 @@ class DirectServer:
         self.accepted = 0  # direct streams served so far
 
     async def start(self) -> None:
+        remove_stale_directories(Path(self._directory.name).parent)
         self._server = await asyncio.start_unix_server(self._accept, self.path)
 
     async def stop(self) -> None:
@@ -103,13 +107,34 @@ class DirectServer:
         await self.handlers[handler](peer, reader, writer)
 
 
-def _ours(path: str) -> bool:
+def _ours(path: str | Path) -> bool:
     """Whether path is the socket of a node run by this user: a node names any path it likes, and this process
     must not write to another program's socket."""
-    socket = Path(path)
-    directory = socket.parent.stat()
-    return (socket.name == "node.sock" and socket.parent.name.startswith("swarm-direct-")
+    path = Path(path)
+    directory = path.parent.stat()
+    return (path.name == "node.sock" and path.parent.name.startswith("swarm-direct-")
             and directory.st_uid == os.getuid() and stat.S_IMODE(directory.st_mode) == 0o700)
+
+
+def remove_stale_directories(parent: Path) -> None:
+    """Remove the socket directories that this user's killed nodes left in parent: a node stopped by SIGKILL (the
+    OOM killer's signal) cannot remove its own. Stale means older than STALE_SECONDS and refusing connections (or
+    without a socket); a node binds its socket an instant before it listens, so a younger one is left alone."""
+    for directory in parent.glob("swarm-direct-*"):
+        path = directory / "node.sock"
+        try:
+            if not _ours(path) or time.time() - directory.stat().st_mtime < STALE_SECONDS:
+                continue
+            if path.exists():
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(1.0)
+                    probe.connect(str(path))
+                continue  # a node listens there
+        except ConnectionRefusedError:
+            pass
+        except OSError:  # gone meanwhile, a busy node's full backlog, not a directory, ...
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def connect(path: str, ticket: bytes, timeout: float = 5.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -4,6 +4,11 @@ stream; without a usable socket everything goes over libp2p as before."""
 
 import asyncio
 import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,5 +121,42 @@ def test_a_peer_writes_only_to_a_swarm_nodes_socket(tmp_path):
         finally:
             other.close()
         assert accepted == []
+
+    asyncio.run(check())
+
+
+def test_a_starting_node_removes_the_socket_directories_of_killed_nodes():
+    """A node killed by SIGKILL cannot remove its socket's directory; the next node to start removes this user's
+    directories that are STALE_SECONDS old and refuse connections or hold no socket, and leaves those of live
+    nodes and of nodes that may be starting."""
+    old = time.time() - direct.STALE_SECONDS - 1
+
+    def socket_directory(name: str, bound: bool, listening: bool = False, modified: float = old):
+        path = Path(tempfile.mkdtemp(prefix=f"swarm-direct-{name}-"))
+        sock = socket.socket(socket.AF_UNIX)
+        if bound:
+            sock.bind(str(path / "node.sock"))
+        if listening:
+            sock.listen()
+        else:
+            sock.close()  # its file stays, refusing connections
+        os.utime(path, (modified, modified))
+        return path, sock
+
+    async def check() -> None:
+        killed, _ = socket_directory("killed", bound=True)
+        empty, _ = socket_directory("empty", bound=False)
+        live, listener = socket_directory("live", bound=True, listening=True)
+        young, _ = socket_directory("young", bound=True, modified=time.time())
+        server = direct.DirectServer({})
+        try:
+            await server.start()
+            assert not killed.exists() and not empty.exists()
+            assert live.exists() and young.exists() and Path(server.path).exists()
+        finally:
+            await server.stop()
+            listener.close()
+            for path in (killed, empty, live, young):
+                shutil.rmtree(path, ignore_errors=True)
 
     asyncio.run(check())
