@@ -108,7 +108,7 @@ def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, l
     options = ["--num-blocks", "2", "--throughput", "100", "--balance-period", "2", *FAST]
     local_swarm.start_nodes(path, [None] * 6, *options)
     with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
-        # 60 s like the waits below: six nodes starting at once on a loaded 2-core machine once took more than 30
+        # 60 s like the waits below: six nodes starting at once on a loaded 2-core machine once needed more than 30 s
         records = wait_for(lambda: (r := records_of(model)) and coverage(r, 6) == [2] * 6 and r, 60,
                            "two nodes on every block",
                            lambda: [(r.start, r.end, r.state.value) for r in records_of(model)])
