@@ -131,7 +131,8 @@ class ClientGraphs:
                 return None
             if batch not in self.graphs:
                 try:
-                    graphs = StepGraphs(self.forward, self.swarm_layers, batch, self.hidden_size, self.dtype, self.device)
+                    graphs = StepGraphs(self.forward, self.swarm_layers, batch, self.hidden_size, self.dtype,
+                                        self.device)
                 except Exception as e:  # whatever the family's code raises under capture: eager decoding still works
                     self.failed = True
                     logger.warning("decode steps run the client's part eagerly: its forward cannot be captured in "
