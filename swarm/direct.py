@@ -67,7 +67,8 @@ class DirectServer:
         self.accepted = 0  # direct streams served so far
 
     async def start(self) -> None:
-        remove_stale_directories(Path(self._directory.name).parent)
+        # in a thread: its probes may wait (up to a second on a busy socket) while the node serves libp2p streams
+        await asyncio.to_thread(remove_stale_directories, Path(self._directory.name).parent)
         self._server = await asyncio.start_unix_server(self._accept, self.path)
 
     async def stop(self) -> None:
