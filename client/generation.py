@@ -12,7 +12,8 @@ transformers' generate().
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
@@ -27,6 +28,8 @@ _OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "m
         "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
         "num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
 # transformers' values for settings left unset
+T = TypeVar("T")
+
 _DEFAULTS = {"max_length": 20, "max_new_tokens": None, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0,
              "top_k": 50, "top_p": 1.0, "eos_token_id": None, "pad_token_id": None}
 
@@ -62,13 +65,14 @@ def lean_settings(generation_config: GenerationConfig, input_ids: torch.Tensor |
     return settings
 
 
-@torch.no_grad()
-def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-           settings: dict[str, Any], streamer: Any = None,
-           stopping_criteria: list[StoppingCriteria] | None = None) -> torch.Tensor:
-    """Greedy or sampled decoding of input_ids [batch, length] by model (the open session's), as transformers'
-    generate() with these settings, streamer and extra stopping criteria; returns the prompts and their new
-    tokens, where a model has an EOS token each row padded after it ended."""
+async def decode(last_logits: Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]],
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: dict[str, Any],
+                 streamer: Any = None, stopping_criteria: list[StoppingCriteria] | None = None) -> torch.Tensor:
+    """Greedy or sampled decoding of input_ids [batch, length], as transformers' generate() with these settings,
+    streamer and extra stopping criteria; returns the prompts and their new tokens, where a model has an EOS
+    token each row padded after it ended. last_logits(input_ids, attention_mask) runs the tokens the open
+    session has not seen and returns the last position's logits [batch, vocab]: a coroutine, so that the loop
+    can run on the client's event loop (client/model.py), or in the caller's thread through run_inline."""
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     eos = torch.tensor(settings["eos_token_id"], dtype=torch.long, device=device)
@@ -87,7 +91,7 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     if streamer is not None:
         streamer.put(input_ids.cpu())
     while input_ids.shape[1] < settings["max_length"]:
-        scores = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
+        scores = (await last_logits(input_ids, attention_mask)).float()
         if len(eos) and input_ids.shape[1] - prompt_length < settings["min_new_tokens"]:
             scores[:, eos] = float("-inf")
         if settings["do_sample"]:
@@ -111,3 +115,14 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     if streamer is not None:
         streamer.end()
     return input_ids
+
+
+def run_inline(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run in this thread a coroutine that awaits nothing that suspends, such as decode over steps that the
+    caller's thread runs: without an event loop, which would cost a hand-off per step."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("the coroutine waited for an event loop: run it on one")

@@ -6,7 +6,8 @@ gets two graphs, captured from one run of the family's forward split where it ca
 maps token ids and positions to the hidden states the swarm receives, ``after`` maps the swarm's output to
 logits. With the swarm replaced by a host round trip, batch-1 greedy decoding of an 8B-shaped Llama cost the
 client 2.29 ms per token eagerly and 1.51-1.54 ms with the graphs on an H200 host; the same kernels called by
-hand took 0.44-0.53 ms (the rest is the decode loop and the hand-off to the client's event loop).
+hand took 0.44-0.53 ms (the rest is the decode loop and the hand-off to the client's event loop, which
+generate() avoids by running its decode loop on that event loop when graphs are on: client/model.py).
 
 A forward that cannot be captured (one that reads a value back from the device) runs eagerly.
 """

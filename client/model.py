@@ -9,6 +9,7 @@ greedy and sampled decoding a shorter loop with the same results (client/generat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 from collections.abc import Collection, Iterator, Sequence
@@ -20,9 +21,9 @@ from torch import nn
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from client.generation import decode, lean_settings
+from client.generation import decode, lean_settings, run_inline
 from client.graphs import ClientGraphs
-from client.remote import SwarmConnection
+from client.remote import SwarmConnection, run_coroutine
 from client.session import InferenceSession
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import (
@@ -181,7 +182,8 @@ class DistributedModelForCausalLM:
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """transformers' generate(), through a session of its own unless one is open. Plain greedy and sampled
-        decoding runs client/generation.py's shorter loop instead, with the same results."""
+        decoding runs client/generation.py's shorter loop instead, with the same results; with client graphs it
+        runs on the client's event loop, which then also calls the streamer and stopping criteria."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         settings = None if args else lean_settings(self.generation_config, input_ids,
                                                    {k: v for k, v in kwargs.items() if k != "input_ids"})
@@ -192,8 +194,10 @@ class DistributedModelForCausalLM:
                                              batch_size=input_ids.shape[0])
         with session:
             if settings is not None:
-                return decode(self, input_ids, kwargs.get("attention_mask"), settings, kwargs.get("streamer"),
-                              kwargs.get("stopping_criteria"))
+                lean = (kwargs.get("attention_mask"), settings, kwargs.get("streamer"), kwargs.get("stopping_criteria"))
+                if self.client_graphs is None:
+                    return run_inline(decode(self._last_logits, input_ids, *lean))
+                return run_coroutine(decode(self._graph_last_logits, input_ids, *lean))
             # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
             return super().generate(inputs, *args, **{**kwargs, "use_cache": False})
 
@@ -220,6 +224,23 @@ class DistributedModelForCausalLM:
         if input_ids is None:
             raise ValueError("DistributedModelForCausalLM.forward needs input_ids")
         session = run.session
+        new_lengths, positions, token_ids = self._new_tokens(session, input_ids, attention_mask)
+        width = positions.shape[1]
+        graphs = (self.client_graphs.get(len(new_lengths))
+                  if self.client_graphs is not None and width == 1 and isinstance(logits_to_keep, int)
+                  and logits_to_keep in (0, 1) and not torch.is_grad_enabled() else None)
+        if graphs is not None:
+            hidden = graphs.embed(input_ids[:, -1:], positions)
+            return CausalLMOutputWithPast(logits=graphs.head(session.step(hidden, new_lengths, token_ids)))
+        run.new_lengths, run.token_ids = new_lengths, token_ids
+        return super().forward(input_ids=input_ids[:, -width:], position_ids=positions.to(input_ids.device),
+                               use_cache=False, logits_to_keep=logits_to_keep)
+
+    @staticmethod
+    def _new_tokens(session: InferenceSession, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                    ) -> tuple[list[int], torch.Tensor, list[list[int]]]:
+        """The tokens of input_ids that the session has not seen: how many per row, their positions [batch,
+        width] (on the host; padding at position 0) and their ids."""
         # checked on the host: each check of a GPU tensor would wait for the device
         mask = attention_mask.cpu() if attention_mask is not None else torch.ones(input_ids.shape, dtype=torch.long)
         if (mask[:, 1:] < mask[:, :-1]).any():
@@ -233,15 +254,24 @@ class DistributedModelForCausalLM:
         offsets = torch.arange(width)[None, :] - torch.tensor([width - n for n in new_lengths])[:, None]
         positions = (torch.tensor(session.lengths)[:, None] + offsets).clamp(min=0)
         token_ids = [row[width - n:] for row, n in zip(input_ids[:, -width:].tolist(), new_lengths)]
-        graphs = (self.client_graphs.get(len(new_lengths))
-                  if self.client_graphs is not None and width == 1 and isinstance(logits_to_keep, int)
-                  and logits_to_keep in (0, 1) and not torch.is_grad_enabled() else None)
-        if graphs is not None:
-            hidden = graphs.embed(input_ids[:, -1:], positions)
-            return CausalLMOutputWithPast(logits=graphs.head(session.step(hidden, new_lengths, token_ids)))
-        run.new_lengths, run.token_ids = new_lengths, token_ids
-        return super().forward(input_ids=input_ids[:, -width:], position_ids=positions.to(input_ids.device),
-                               use_cache=False, logits_to_keep=logits_to_keep)
+        return new_lengths, positions, token_ids
+
+    async def _last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """decode()'s step in the caller's thread: forward, which waits on the client's event loop for the swarm."""
+        with torch.no_grad():
+            return self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
+
+    async def _graph_last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """decode()'s step on the client's event loop, where the swarm's networking runs: a decode step replays
+        the client graphs around the session's astep with no hand-off between threads (they cost 0.6-0.9 ms
+        of a ~10 ms token on an H200 host); other steps run forward in a worker thread."""
+        session = self.swarm_layers.run.session  # the caller's context travels with the coroutine
+        new_lengths, positions, token_ids = self._new_tokens(session, input_ids, attention_mask)
+        graphs = self.client_graphs.get(len(new_lengths)) if positions.shape[1] == 1 else None
+        if graphs is None:
+            return await asyncio.to_thread(run_inline, self._last_logits(input_ids, attention_mask))
+        hidden = graphs.embed(input_ids[:, -1:], positions)
+        return graphs.head(await session.astep(hidden, new_lengths, token_ids))[:, -1]
 
     def _family_forward(self, **inputs) -> CausalLMOutputWithPast:
         """The family's own forward of one decode step, as client graphs capture it."""

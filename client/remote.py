@@ -58,8 +58,13 @@ def _freeze_heap() -> None:
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
-    """Run coro on the client's event loop and wait for its result."""
-    return asyncio.run_coroutine_threadsafe(coro, _client_loop()).result()
+    """Run coro on the client's event loop and wait for its result; an interrupted wait (Ctrl-C) cancels it."""
+    future = asyncio.run_coroutine_threadsafe(coro, _client_loop())
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
 
 
 class SwarmConnection:

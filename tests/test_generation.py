@@ -11,7 +11,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from client.generation import decode, lean_settings
+from client.generation import decode, lean_settings, run_inline
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 90, 41, 7], [12, 3, 77, 64, 9, 21, 50]])
 
@@ -37,6 +37,15 @@ def local(tiny_model):
     return model
 
 
+def local_decode(model, prompt, attention_mask, settings, *streamer_and_criteria):
+    """decode() in this thread with steps that run the whole sequence through a local model."""
+    async def last_logits(ids, mask):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+
+    return run_inline(decode(last_logits, prompt, attention_mask, settings, *streamer_and_criteria))
+
+
 def first_greedy_token(local, row: int, step: int) -> int:
     return local.generate(PROMPT, max_new_tokens=step + 1, do_sample=False)[row, PROMPT.shape[1] + step].item()
 
@@ -55,24 +64,24 @@ def test_decode_matches_transformers_generate(local, case):
     torch.manual_seed(3)
     expected = local.generate(PROMPT, **case)
     torch.manual_seed(3)
-    assert torch.equal(decode(local, PROMPT, None, settings), expected)
+    assert torch.equal(local_decode(local, PROMPT, None, settings), expected)
 
 
 def test_eos_ends_each_row_and_pads_it_as_transformers_does(local):
     eos = first_greedy_token(local, row=0, step=2)  # row 0 ends at its third token
     case = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    ours = decode(local, PROMPT, torch.ones_like(PROMPT), lean_settings(local.generation_config, PROMPT, case))
+    ours = local_decode(local, PROMPT, torch.ones_like(PROMPT), lean_settings(local.generation_config, PROMPT, case))
     assert torch.equal(ours, local.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), **case))
     assert ours[0, PROMPT.shape[1] + 3:].eq(0).all()
 
     # min_new_tokens holds EOS back until it is reached
     held = dict(case, min_new_tokens=6)
-    ours = decode(local, PROMPT, None, lean_settings(local.generation_config, PROMPT, held))
+    ours = local_decode(local, PROMPT, None, lean_settings(local.generation_config, PROMPT, held))
     assert torch.equal(ours, local.generate(PROMPT, **held))
     assert eos not in ours[0, PROMPT.shape[1]:PROMPT.shape[1] + 6].tolist()
 
     # generation stops once every row has ended
-    ours = decode(local, PROMPT[:1], None, lean_settings(local.generation_config, PROMPT[:1], case))
+    ours = local_decode(local, PROMPT[:1], None, lean_settings(local.generation_config, PROMPT[:1], case))
     assert torch.equal(ours, local.generate(PROMPT[:1], **case))
     assert ours.shape[1] <= PROMPT.shape[1] + 3
 
@@ -93,7 +102,7 @@ def test_stopping_criteria_end_rows_as_in_transformers(local):
     case = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     length = PROMPT.shape[1]
     for criteria in ([EndRowAt(0, length + 3)], [EndRowAt(0, length + 3), EndRowAt(1, length + 5)]):
-        ours = decode(local, PROMPT, None, lean_settings(local.generation_config, PROMPT, case), None, criteria)
+        ours = local_decode(local, PROMPT, None, lean_settings(local.generation_config, PROMPT, case), None, criteria)
         assert torch.equal(ours, local.generate(PROMPT, stopping_criteria=StoppingCriteriaList(criteria), **case))
     assert ours.shape[1] == length + 5  # generation ends once every row has ended
 
@@ -101,7 +110,7 @@ def test_stopping_criteria_end_rows_as_in_transformers(local):
 def test_the_streamer_gets_what_transformers_gives_it(local):
     case = dict(max_new_tokens=5, do_sample=False)
     ours, theirs = Recorder(), Recorder()
-    decode(local, PROMPT[:1], None, lean_settings(local.generation_config, PROMPT[:1], case), ours)
+    local_decode(local, PROMPT[:1], None, lean_settings(local.generation_config, PROMPT[:1], case), ours)
     local.generate(PROMPT[:1], streamer=theirs, **case)
     assert ours.ended and theirs.ended
     assert [p.tolist() for p in ours.puts] == [p.tolist() for p in theirs.puts]
