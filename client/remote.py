@@ -75,6 +75,9 @@ class SwarmConnection:
         self.swarm_key = SwarmKey.load(swarm_key) if isinstance(swarm_key, (str, Path)) else swarm_key
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
+        # hivemind forks the DHT's process: cyclic garbage of this one would be collected in the child, where
+        # freeing a CUDA tensor or event aborts it (seen after a failed test's traceback let go of a GPU model)
+        gc.collect()
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
