@@ -1,5 +1,7 @@
 """The client's own decode loop (client/generation.py) against transformers' generate on the same local model."""
 
+import asyncio
+
 import pytest
 import torch
 from transformers import (
@@ -133,3 +135,8 @@ def test_other_settings_go_to_transformers_generate(local):
     assert lean_settings(local.generation_config, padded, dict(plain, pad_token_id=0)) is None
     assert lean_settings(local.generation_config, padded, dict(plain, pad_token_id=0,
                                                                attention_mask=torch.ones_like(padded))) is not None
+
+
+def test_run_inline_refuses_a_coroutine_that_waits_for_an_event_loop():
+    with pytest.raises(RuntimeError, match="event loop"):
+        run_inline(asyncio.sleep(0))
