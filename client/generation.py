@@ -19,6 +19,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+T = TypeVar("T")
+
 LEAN_SETTINGS = frozenset({"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
                            "top_p", "eos_token_id", "pad_token_id"})
 # entries of a generation config that change nothing here (the nodes hold the cache whatever use_cache says)
@@ -28,8 +30,6 @@ _OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "m
         "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
         "num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
 # transformers' values for settings left unset
-T = TypeVar("T")
-
 _DEFAULTS = {"max_length": 20, "max_new_tokens": None, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0,
              "top_k": 50, "top_p": 1.0, "eos_token_id": None, "pad_token_id": None}
 

@@ -9,7 +9,8 @@ client 2.29 ms per token eagerly and 1.51-1.54 ms with the graphs on an H200 hos
 hand took 0.44-0.53 ms (the rest is the decode loop and the hand-off to the client's event loop, which
 generate() avoids by running its decode loop on that event loop when graphs are on: client/model.py).
 
-A forward that cannot be captured (one that reads a value back from the device) runs eagerly.
+A forward that cannot be captured (one that reads a value back from the device, or copies one from pageable
+host memory as falcon's attention mask does) runs eagerly.
 """
 
 from __future__ import annotations
