@@ -194,15 +194,22 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
-        identity_path = self.config.identity_path or self._temporary_identity()
+        # Without --identity a node is a new peer each run, with a fresh key in a temporary folder. The folder
+        # goes once the DHT is up (its libp2p daemon has read the key), so a node killed later leaves no key.
+        temporary = None if self.config.identity_path else tempfile.TemporaryDirectory(prefix="swarm-identity-")
+        identity_path = self.config.identity_path or Path(temporary.name) / "identity.key"
         fresh = not Path(identity_path).exists()  # a new key cannot be in use by another peer: skip that check
         key = load_identity(identity_path)
-        self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=str(identity_path),
-                       record_validators=[SignedRecordValidator(key)], check_if_identity_free=not fresh,
-                       host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
-                       announce_maddrs=self.config.announce_maddrs or None,
-                       **(relayed_peer_options(self.config.relay_via) if self.config.relay_via else {}),
-                       **(RELAY_OPTIONS if self.config.relay else {}))
+        try:
+            self.dht = DHT(initial_peers=self.config.initial_peers, start=True, identity_path=str(identity_path),
+                           record_validators=[SignedRecordValidator(key)], check_if_identity_free=not fresh,
+                           host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
+                           announce_maddrs=self.config.announce_maddrs or None,
+                           **(relayed_peer_options(self.config.relay_via) if self.config.relay_via else {}),
+                           **(RELAY_OPTIONS if self.config.relay else {}))
+        finally:
+            if temporary is not None:
+                temporary.cleanup()
         try:
             self.p2p = await self.dht.replicate_p2p()
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
@@ -230,12 +237,6 @@ class Node:
     def _metrics_info(self) -> dict[str, str]:
         return {"model": self.config.model_name, "peer_id": self.peer_id, "blocks": f"{self.start}:{self.end}",
                 "state": self.state.value, "version": SOFTWARE_VERSION}
-
-    def _temporary_identity(self) -> Path:
-        """Without --identity a node is a new peer each run: a fresh key in a directory removed at exit."""
-        directory = tempfile.TemporaryDirectory(prefix="swarm-identity-")
-        self._identity_dir = directory  # kept alive (and the key file with it) until the node object goes
-        return Path(directory.name) / "identity.key"
 
     def _on_signal(self) -> None:
         """SIGTERM or SIGINT: leave gracefully; a second one: exit now."""

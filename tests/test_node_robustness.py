@@ -132,6 +132,15 @@ def test_a_signal_to_the_whole_process_group_ends_the_node_and_its_children(tiny
     assert group_ended(node.pid), "processes of the node's group are still running"
 
 
+def test_a_killed_node_leaves_no_key_behind(tiny_model, local_swarm, tmp_path, monkeypatch):
+    """A node without --identity makes a fresh private key in a temporary folder, which a SIGKILL (the OOM
+    killer's) gave it no chance to remove: the node removes it as soon as its libp2p daemon has read the key."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the node's temporary folders go here
+    [node] = local_swarm.start_nodes(tiny_model("llama"), [(0, 4)], "--model-name", "killed-key")
+    local_swarm.kill(node)
+    assert not list(tmp_path.glob("swarm-identity-*"))
+
+
 def free_pages_become(model, expected, timeout=8.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
