@@ -22,14 +22,13 @@ import random
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from local_swarm import LocalSwarm  # noqa: E402
+from local_swarm import LocalSwarm, scratch_folder  # noqa: E402
 
 SPANS = [(0, 2), (2, 4)]
 NODE_OPTIONS = ["--num-threads", "1", "--throughput", "100", "--announce-period", "1", "--drain-timeout", "10"]
@@ -122,7 +121,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
-    workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
+    workdir = scratch_folder("chaos-")
     model_path = make_tiny_model(workdir / "tiny-llama", "llama")
     stats = {"started": 0, "results": [], "errors": [], "recoveries": [], "kills": 0, "sigterms": 0}
     with LocalSwarm(workdir / "logs") as swarm:

@@ -10,8 +10,10 @@ text and tokens/s, and stops every process it started.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,13 @@ from swarm.cli import EXIT_WITH_PARENT  # noqa: E402
 SWARM = [sys.executable, "-m", "swarm.cli"]
 
 
+def scratch_folder(prefix: str) -> Path:
+    """A temporary folder (models, logs) removed when this process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 class LocalSwarm:
     """A bootstrap peer and nodes as child processes on 127.0.0.1; a context manager that stops them all.
 
@@ -33,7 +42,7 @@ class LocalSwarm:
     """
 
     def __init__(self, log_dir: str | Path | None = None):
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarm-logs-"))
+        self.log_dir = Path(log_dir or scratch_folder("swarm-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen] = []
         self.initial_peers: list[str] = []
@@ -143,7 +152,7 @@ def main() -> None:
     from make_tiny_model import make_tiny_model
     from swarm.checkpoint import load_config
 
-    workdir = Path(tempfile.mkdtemp(prefix="local-swarm-"))
+    workdir = scratch_folder("local-swarm-")
     model_path = Path(args.model) if args.model else make_tiny_model(workdir / "tiny-llama", "llama")
     num_blocks = load_config(model_path).num_hidden_layers
     with LocalSwarm(workdir / "logs") as swarm:

@@ -17,7 +17,6 @@ import json
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from local_swarm import LocalSwarm, split_blocks  # noqa: E402
+from local_swarm import LocalSwarm, scratch_folder, split_blocks  # noqa: E402
 
 
 def free_port() -> int:
@@ -48,7 +47,7 @@ def main() -> None:
     from make_tiny_model import make_tiny_model
     from swarm.checkpoint import load_config
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    workdir = scratch_folder("bench-api-")
     model_path = Path(args.model) if args.model else make_tiny_model(workdir / "tiny-llama", "llama")
     result: dict = {"bench": "api", "model": model_path.name, "nodes": 2, "max_tokens": args.max_tokens,
                     "tokens_per_s": {}}

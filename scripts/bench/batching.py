@@ -17,14 +17,13 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from local_swarm import LocalSwarm, split_blocks  # noqa: E402
+from local_swarm import LocalSwarm, scratch_folder, split_blocks  # noqa: E402
 
 
 async def decode(session, model, prompt, new_tokens: int, prefilled: asyncio.Barrier) -> None:
@@ -85,7 +84,7 @@ def main() -> None:
     from swarm.checkpoint import load_config
 
     torch.set_num_threads(1)  # each process gets one core's worth of torch threads: the nodes get --num-threads 1
-    workdir = Path(tempfile.mkdtemp(prefix="bench-batching-"))
+    workdir = scratch_folder("bench-batching-")
     model_path = Path(args.model) if args.model else make_tiny_model(workdir / "tiny-llama", "llama")
     result: dict = {"bench": "batching", "model": model_path.name, "nodes": 2, "prompt_tokens": args.prompt_tokens,
                     "new_tokens": args.new_tokens, "tokens_per_s": {}, "kv_utilization": {}, "pages_used": {},

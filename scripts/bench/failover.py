@@ -16,14 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from local_swarm import LocalSwarm  # noqa: E402
+from local_swarm import LocalSwarm, scratch_folder  # noqa: E402
 
 SPANS = [(0, 2), (2, 4)]
 NODE_OPTIONS = ["--throughput", "100", "--announce-period", "1"]
@@ -41,7 +40,7 @@ def main() -> None:
     from client.session import InferenceSession
     from make_tiny_model import make_tiny_model
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-failover-"))
+    workdir = scratch_folder("bench-failover-")
     model_path = make_tiny_model(workdir / "tiny-llama", "llama")
     recoveries, decode_steps = [], []
     with LocalSwarm(workdir / "logs") as swarm:

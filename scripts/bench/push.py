@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from local_swarm import LocalSwarm  # noqa: E402
+from local_swarm import LocalSwarm, scratch_folder  # noqa: E402
 
 NUM_BLOCKS = 3
 
@@ -78,7 +77,7 @@ def main() -> None:
     from client.remote import SwarmConnection, run_coroutine
 
     torch.set_num_threads(1)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-push-"))
+    workdir = scratch_folder("bench-push-")
     model_path = make_model(workdir / "wide-llama", args.hidden_size)
     with LocalSwarm(workdir / "logs") as swarm:
         swarm.start_bootstrap()

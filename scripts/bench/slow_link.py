@@ -18,7 +18,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,12 +66,12 @@ def main() -> None:
         return run_client(args)
 
     import netns
-    from local_swarm import LocalSwarm
+    from local_swarm import LocalSwarm, scratch_folder
     from make_tiny_model import make_wide_model
 
     if not netns.available():
         sys.exit("needs root to create network namespaces")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-slow-link-"))
+    workdir = scratch_folder("bench-slow-link-")
     model = make_wide_model(workdir / "wide", HIDDEN_SIZE, 2)
     with netns.Network() as network, LocalSwarm(workdir / "logs") as swarm:
         hub, boot, client, first, second = (network.host(name) for name in ("hub", "boot", "client", "a", "b"))

@@ -22,14 +22,13 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from local_swarm import LocalSwarm  # noqa: E402
+from local_swarm import LocalSwarm, scratch_folder  # noqa: E402
 
 NUM_BLOCKS = 2
 TICK = os.sysconf("SC_CLK_TCK")
@@ -100,7 +99,7 @@ def main() -> None:
     from make_tiny_model import make_wide_model
 
     torch.set_num_threads(1)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-step-cost-"))
+    workdir = scratch_folder("bench-step-cost-")
     model_path = make_wide_model(workdir / "wide-llama", args.hidden_size, NUM_BLOCKS)
     result: dict = {"bench": "step_cost", "hidden_size": args.hidden_size, "nodes": NUM_BLOCKS, "steps": args.steps,
                     "results": {}}
