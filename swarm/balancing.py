@@ -8,6 +8,7 @@ serving; draining ones are on their way out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from swarm.records import NodeRecord, NodeState
@@ -56,8 +57,10 @@ def choose_span(records: Iterable[NodeRecord], num_blocks: int, span_length: int
 def better_start(records: Iterable[NodeRecord], num_blocks: int, me: NodeRecord, margin: float) -> int | None:
     """Where node `me` should move its span, or None to stay.
 
-    It moves only if that uncovers fewer blocks, or raises the weakest block's throughput by more than margin
-    (relative: 0.2 is 20%); and never if leaving its span would uncover a block.
+    It moves only if that uncovers fewer blocks, or if, comparing the blocks' throughputs weakest first, the
+    first one the move changes gains more than margin (relative: 0.2 is 20%); and never if leaving its span
+    would uncover a block. Weakest first, not the weakest alone: with 0:2 served four times and 2:4 and 4:6
+    once each, no single move raises the weakest block, yet each move to 2:4 or 4:6 is the way there.
     """
     others = [r for r in records if r.peer_id != me.peer_id]
     counts, totals = block_throughputs(others, num_blocks)
@@ -67,9 +70,11 @@ def better_start(records: Iterable[NodeRecord], num_blocks: int, me: NodeRecord,
     start = choose_start(others, num_blocks, length, me.throughput)
     if start == me.start:
         return None
-    stay, move = (_with_span(counts, totals, s, s + length, me.throughput) for s in (me.start, start))
-    (holes_if_stay, weakest_if_stay), (holes_if_move, weakest_if_move) = ((-score[0], score[1][0])
-                                                                          for score in (stay, move))
-    if holes_if_move < holes_if_stay or weakest_if_move > weakest_if_stay * (1 + margin):
-        return start
+    (covered_if_stay, stay), (covered_if_move, move) = (  # covered: minus the uncovered blocks
+        _with_span(counts, totals, s, s + length, me.throughput) for s in (me.start, start))
+    if covered_if_move != covered_if_stay:
+        return start if covered_if_move > covered_if_stay else None
+    for if_stay, if_move in zip(stay, move):  # throughputs, weakest first
+        if not math.isclose(if_stay, if_move):
+            return start if if_move > if_stay * (1 + margin) else None
     return None

@@ -47,3 +47,13 @@ def test_moves_need_a_clear_gain():
     records[2] = record("c", 2, 4, 95)
     assert better_start(records, 6, records[0], margin=0.2) is None  # 95 -> 100 is within the margin
     assert better_start(records, 6, records[0], margin=0.01) == 2
+
+
+def test_a_move_that_strengthens_the_weakest_blocks_but_not_the_weakest_alone_is_made():
+    # six nodes that joined at once and all took 0:2 but two: moving one to 2:4 leaves 4:6 as weak as before
+    records = [record(f"a{i}", 0, 2) for i in range(4)] + [record("b", 2, 4), record("c", 4, 6)]
+    assert better_start(records, 6, records[0], margin=0.2) == 2
+    records[0] = record("a0", 2, 4)
+    assert better_start(records, 6, records[1], margin=0.2) == 4
+    records[1] = record("a1", 4, 6)
+    assert [better_start(records, 6, r, margin=0.2) for r in records] == [None] * 6  # two nodes on every block
