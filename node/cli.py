@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance-period", type=float, default=120.0,
                         help="seconds between checks whether moving the span makes the swarm faster (0: never)")
     parser.add_argument("--balance-margin", type=float, default=0.2,
-                        help="move only if the swarm's weakest block gets this much faster (0.2 = 20%%)")
+                        help="move only if the swarm's weakest blocks get this much faster (0.2 = 20%%)")
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds a leaving node (SIGTERM) waits for its clients to move their sessions, and a "
                              "moving node waits before it stays instead")
