@@ -46,14 +46,19 @@ def _client_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
-def _freeze_heap() -> None:
-    """Exempt what is alive at the first connection (modules, the model's weights) from the cycle collector: a full
-    collection walked all of it, pausing every session ~0.5 s every few thousand steps. Once per process, so that
-    objects of the application's later life stay collectable; acyclic garbage is freed by reference counting."""
+def _settle_heap() -> None:
+    """Collect cyclic garbage before a connection, whose DHT process hivemind forks: garbage left here would be
+    collected in the child, where freeing a CUDA tensor or event aborts it (seen after a failed test's traceback
+    let go of a GPU model).
+
+    Then exempt what is alive at the first connection (modules, the model's weights) from the cycle collector: a
+    full collection walked all of it, pausing every session ~0.5 s every few thousand steps. Once per process, so
+    that objects of the application's later life stay collectable; acyclic garbage is freed by reference counting.
+    """
     global _heap_frozen
+    gc.collect()
     if not _heap_frozen:
         _heap_frozen = True
-        gc.collect()
         gc.freeze()
 
 
@@ -75,14 +80,11 @@ class SwarmConnection:
         self.swarm_key = SwarmKey.load(swarm_key) if isinstance(swarm_key, (str, Path)) else swarm_key
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
-        # hivemind forks the DHT's process: cyclic garbage of this one would be collected in the child, where
-        # freeing a CUDA tensor or event aborts it (seen after a failed test's traceback let go of a GPU model)
-        gc.collect()
+        _settle_heap()
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
-        _freeze_heap()
 
     def ban(self, peer_id: str) -> None:
         """Keep sessions off a node that failed: 5 s, doubling with each failure in a row, up to 5 minutes."""
