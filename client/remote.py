@@ -22,6 +22,7 @@ from hivemind.p2p import P2P
 from swarm import rpc
 from swarm.dht import shutdown_dht
 from swarm.protocol import pack
+from swarm.push import Pusher
 from swarm.records import NodeRecord, SignedRecordValidator, fetch_models, fetch_records
 from swarm.routing import Probe
 from swarm.swarm_key import SwarmKey
@@ -84,6 +85,7 @@ class SwarmConnection:
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
+        self.pusher = Pusher(self.p2p, self.swarm_key)  # sends the steps of sessions that step together in one frame
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
 
     def ban(self, peer_id: str) -> None:
@@ -121,11 +123,15 @@ class SwarmConnection:
                                            int(reply.get("free_pages", record.free_pages)))
         return probes
 
+    async def _close_streams(self) -> None:
+        self.pusher.close()
+        await self.p2p.shutdown()
+
     async def node_stats(self, peer_id: str) -> dict:
         """A node's figures: span, state, scheduler counters (sessions, pages, preemptions...) and its sessions'
         chains (where each one's outputs are pushed)."""
         return await rpc.call(self.p2p, peer_id, pack("stats"), swarm_key=self.swarm_key)
 
     def shutdown(self) -> None:
-        run_coroutine(self.p2p.shutdown())
+        run_coroutine(self._close_streams())
         shutdown_dht(self.dht)

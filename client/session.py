@@ -21,6 +21,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from client.remote import SwarmConnection, run_coroutine
 from swarm import direct, protocol
 from swarm.protocol import ProtocolError, decode_tensor_async, encode_tensor_async, pack, read_frame, write_frame
+from swarm.push import Pusher
 from swarm.records import NodeState
 from swarm.routing import Hop, MissingBlocksError, RoutingError, plan_route
 
@@ -70,6 +71,7 @@ class SpanSession:
         # every step's (lengths, input rows), whether the client sent them or the previous node pushed them:
         # what a replacement node replays
         self.inputs: list[tuple[list[int], torch.Tensor]] = []
+        self.pusher: Pusher | None = None  # sends steps batched with other sessions' (swarm/push.py)
 
     @classmethod
     async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int,
@@ -79,6 +81,7 @@ class SpanSession:
             connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER, direct.reachable(hop.node.host)),
             step_timeout)
         span = cls(hop, reader, writer, step_timeout, compress)
+        span.pusher = connection.pusher
         try:
             reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start,
                                              end=hop.end, priority=priority, compress=compress),
@@ -118,8 +121,14 @@ class SpanSession:
 
     async def send(self, hidden: torch.Tensor, lengths: list[int], page_hashes: list[list[bytes]] | None = None,
                    push: list[dict] | None = None) -> None:
-        """Send a step; with push, the node sends its output on to push[0], which sends it on to push[1]..."""
+        """Send a step; with push, the node sends its output on to push[0], which sends it on to push[1]...
+
+        The step goes in one push frame with the steps that other sessions of this client send the same node in
+        this turn of the event loop, or on the session's stream if that fails."""
         self.inputs.append((lengths, hidden))
+        if self.pusher is not None and await self.pusher.push(self.next_hop(page_hashes), hidden, lengths, push,
+                                                              self.compress):
+            return
         try:
             if self.writer.is_closing():
                 raise ConnectionError("the stream is closed")

@@ -4,10 +4,10 @@ Peers on the same machine get the same streams over a unix socket instead (swarm
 
 One stream is one session: the client opens it with an ``open`` frame and the session ends (its pages return
 to the pool) when the client closes the stream, sends ``close``, or goes idle for longer than the session
-timeout. A step's input comes from the client (a ``step`` frame) or from the previous node of the session's
-chain (pushed over a ``swarm.push`` stream); either way the output goes back to the client on the session's
-stream and, when the step says so, straight on to the next node. Every frame is validated before it touches
-the cache; a bad frame gets an error reply and the session stays as it was. Admission, batching across
+timeout. A step's input comes from the client (a ``step`` frame on that stream) or is pushed, in a frame with
+other sessions' steps (swarm/push.py), by the previous node of the session's chain or by the client; either
+way the output goes back to the client on the session's stream and, when the step says so, straight on to the
+next node. Every frame is validated before it touches the cache; a bad frame gets an error reply and the session stays as it was. Admission, batching across
 sessions and preemption are the scheduler's (node/scheduler.py); where to serve is swarm/balancing.py's.
 """
 
@@ -24,6 +24,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from swarm.protocol import (
     write_frame,
 )
 from swarm.identity import load_identity
+from swarm.push import Pusher
 from swarm.records import SOFTWARE_VERSION, NodeRecord, NodeState, SignedRecordValidator, announce, fetch_records
 from swarm.relays import RELAY_OPTIONS, relayed_peer_options
 from swarm.swarm_key import SwarmKey
@@ -75,6 +77,7 @@ CPU_KV_CACHE_GB = 0.25  # a CPU node's KV cache unless --kv-cache-gb says otherw
 GPU_CACHE_SHARE = 0.9
 GPU_RESERVE_BYTES = 2**30
 SPAN_CACHE_TOKENS = 16384  # an automatically sized GPU span leaves room for at least this many tokens of cache
+MAX_PUSHED_STEPS = 4096  # steps in one push frame: a forward's outputs, or a client's sessions that step together
 
 
 class RequestError(ValueError):
@@ -142,6 +145,7 @@ class ClientStream:
     last_active: float = field(default_factory=time.monotonic)
 
 
+
 class Node:
     """A node daemon. It joins the DHT, takes a span (given, or chosen from the swarm's records), measures its
     throughput, serves sessions, and moves its span when that makes the swarm clearly faster."""
@@ -163,7 +167,8 @@ class Node:
         self.state = NodeState.JOINING
         self.rtts: dict[str, float] = {}
         self.streams: dict[str, ClientStream] = {}  # by session id
-        self._push_writers: dict[str, asyncio.StreamWriter] = {}
+        self.pusher: Pusher | None = None  # this node's push streams to the next nodes of its sessions' chains
+        self.pushes_received: Counter[str] = Counter()  # push frames and the steps in them
         self.direct_server: DirectServer | None = None  # this node's unix socket, where the platform has them
         self._scheduler_task: asyncio.Task | None = None
         self._stop = asyncio.Event()  # exit now
@@ -212,6 +217,7 @@ class Node:
                 temporary.cleanup()
         try:
             self.p2p = await self.dht.replicate_p2p()
+            self.pusher = Pusher(self.p2p, self.swarm_key)
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
             if self.config.direct_streams and direct.HOST:
@@ -506,7 +512,7 @@ class Node:
                     elif message["type"] == "stats":
                         reply = pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start,
                                      end=self.end, state=self.state.value, throughput=self.throughput.decode,
-                                     cpu_s=time.process_time(), chains=self._chains(),
+                                     cpu_s=time.process_time(), chains=self._chains(), **self.pushes_received,
                                      direct_streams=self.direct_server.accepted if self.direct_server else 0)
                     elif message["type"] == "direct":
                         handler = message.get("handler")
@@ -549,38 +555,65 @@ class Node:
             await self._serve_push(peer, reader, writer)
 
     async def _serve_push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Steps pushed by the previous node of sessions' chains; each runs as if its client had sent it, and
-        the reply (or error) goes to that client."""
+        """Frames of steps pushed by the previous node of sessions' chains; each step runs as if its client had
+        sent it, and its reply (or error) goes to that client."""
         try:
             while (frame := await read_frame(reader)) is not None:
                 try:
                     if not self.request_rate.allow(peer):
-                        raise RequestError("busy", "too many pushed steps from one peer")
-                    message = protocol.unpack(frame)
-                    stream = self.streams.get(message.get("session"))
-                    if message["type"] != "step" or stream is None:
-                        raise RequestError("unknown_session", "pushed frames must be steps of open sessions")
+                        raise RequestError("busy", "too many push frames from one peer")
+                    steps = await self._pushed_steps(protocol.unpack(frame))
                 except (ProtocolError, RequestError) as e:
                     logger.info("ignoring a push from %s: %s", peer, e)
                     continue
-                asyncio.create_task(self._run_step(stream, message))
+                self.pushes_received.update(push_frames=1, pushed_steps=len(steps))
+                for stream, message, rows in steps:
+                    asyncio.create_task(self._run_step(stream, message, rows))
         except (ProtocolError, ConnectionError) as e:
             logger.info("push stream from %s ended: %s", peer, e)
         finally:
             writer.close()
 
-    async def _run_step(self, stream: ClientStream, message: dict) -> None:
-        """Compute a step, push its output to the next node if asked, and reply to the client."""
+    async def _pushed_steps(self, message: dict) -> list[tuple[ClientStream, dict, torch.Tensor | RequestError]]:
+        """The steps of a push frame, each with its session's stream and its rows of the frame's hidden states,
+        which are decoded and checked once for all of them. Steps of sessions that ended meanwhile are left out."""
+        steps = message.get("steps")
+        if message["type"] != "steps" or not isinstance(steps, list) or not 0 < len(steps) <= MAX_PUSHED_STEPS:
+            raise RequestError("bad_request", f"a push frame must list 1 to {MAX_PUSHED_STEPS} steps")
+        if not all(isinstance(step, dict) and _valid_lengths(step.get("lengths")) for step in steps):
+            raise RequestError("bad_request", "each pushed step's lengths must be a list of non-negative integers")
+        counts = [sum(step["lengths"]) for step in steps]
+        hidden = await self._hidden(message.get("hidden"), check_finite=False)
+        if hidden.shape[0] != sum(counts):
+            raise RequestError("bad_tensor", f"the steps of a push frame hold {sum(counts)} rows, its hidden states "
+                                             f"{hidden.shape[0]}")
+        finite = all_finite(hidden)  # where not, each step checks its own rows
+        known = []
+        for step, rows in zip(steps, hidden.split(counts)):
+            stream = self.streams.get(step.get("session"))
+            if stream is None:
+                logger.info("ignoring a pushed step of an unknown session")
+            else:
+                known.append((stream, step, rows if finite or all_finite(rows) else _not_finite()))
+        return known
+
+    async def _run_step(self, stream: ClientStream, message: dict, hidden: torch.Tensor | RequestError | None = None
+                        ) -> None:
+        """Compute a step, push its output to the next node if asked, and reply to the client. hidden: the step's
+        rows if they came decoded (pushed), or why they were refused."""
         session = stream.session
         stream.last_active = time.monotonic()
         async with stream.lock:
             try:
                 chain = self._push_chain(message.get("push"))
-                out = await self._step(session, message)
-                encoded = await encode_tensor_async(out, stream.compress)
-                pushed = bool(chain) and await self._push(stream, chain, out, encoded, message["lengths"])
-                reply = pack("output", session=session.id, hidden=encoded, pushed=pushed,
-                             draining=self.state == NodeState.DRAINING)
+                if hidden is None:
+                    hidden = await self._hidden(message.get("hidden"))
+                if isinstance(hidden, RequestError):
+                    raise hidden
+                out = await self._step(session, message, hidden)
+                pushed = bool(chain) and await self._push(stream, chain, out, message["lengths"])
+                reply = pack("output", session=session.id, hidden=await encode_tensor_async(out, stream.compress),
+                             pushed=pushed, draining=self.state == NodeState.DRAINING)
             except Exception as e:
                 reply = self._error_reply(e, session.peer)
             with contextlib.suppress(ConnectionError):
@@ -598,29 +631,11 @@ class Node:
                                               "dtype")
         return chain
 
-    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, encoded: dict,
-                    lengths: list[int]) -> bool:
-        """Send the output (encoded: as the reply carries it) to the next node as its step; False if it could not be
-        sent (the client then sends it)."""
-        target, rest = chain[0], chain[1:]
-        dtype = protocol.DTYPES[target["dtype"]]
-        hidden = encoded if dtype == out.dtype else await encode_tensor_async(out.to(dtype), stream.compress)
-        frame = pack("step", session=target["session"], lengths=lengths, page_hashes=target.get("page_hashes"),
-                     hidden=hidden, push=rest or None)
-        peer = target["peer"]
-        try:
-            if peer not in self._push_writers:
-                _, self._push_writers[peer] = await asyncio.wait_for(
-                    rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key,
-                                    direct=direct.reachable(target.get("host"))), 5)
-            await write_frame(self._push_writers[peer], frame)
-        except Exception as e:
-            logger.info("could not push to %s: %s", peer, e)
-            writer = self._push_writers.pop(peer, None)
-            if writer is not None:
-                writer.close()
+    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
+        """Send the output to the next node as its step; False if it could not be sent (the client then sends it)."""
+        if not await self.pusher.push(chain[0], out, lengths, chain[1:], stream.compress):
             return False
-        stream.next_hop = (peer, target["session"])
+        stream.next_hop = (chain[0]["peer"], chain[0]["session"])
         return True
 
     def _load(self) -> dict[str, int]:
@@ -675,16 +690,25 @@ class Node:
                     PRIORITIES[session.priority], queued)
         return queued
 
-    async def _step(self, session: Session, message: dict) -> torch.Tensor:
+    async def _hidden(self, obj: Any, check_finite: bool = True) -> torch.Tensor:
+        """Hidden states from a frame: decoded, of the node's dtype and hidden size, and (if check_finite) free of
+        NaN and infinity."""
+        hidden = await decode_tensor_async(obj)
+        if hidden.dtype != self.config.dtype:
+            raise RequestError("bad_tensor", f"hidden states must be {protocol.DTYPE_NAMES[self.config.dtype]}, got "
+                                             f"{protocol.DTYPE_NAMES[hidden.dtype]}")
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise RequestError("bad_tensor", f"hidden states must have shape [tokens, {self.hidden_size}] (tokens in "
+                                             f"this step, hidden size), got {list(hidden.shape)}")
+        if check_finite and not all_finite(hidden):
+            raise _not_finite()
+        return hidden
+
+    async def _step(self, session: Session, message: dict, hidden: torch.Tensor) -> torch.Tensor:
         lengths = message.get("lengths")
-        if (not isinstance(lengths, list) or len(lengths) != len(session.seqs)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths)):
+        if not _valid_lengths(lengths) or len(lengths) != len(session.seqs):
             raise RequestError("bad_request", f"lengths must list {len(session.seqs)} non-negative integers")
-        hidden = await decode_tensor_async(message.get("hidden"))
-        expected_dtype = protocol.DTYPE_NAMES[self.config.dtype]
-        if message["hidden"]["dtype"] != expected_dtype:
-            raise RequestError("bad_tensor", f"hidden states must be {expected_dtype}, got {message['hidden']['dtype']}")
-        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or hidden.shape[0] != sum(lengths):
+        if hidden.shape[0] != sum(lengths):
             raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
                                              f"(tokens in this step, hidden size), got {list(hidden.shape)}")
         for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
@@ -692,8 +716,6 @@ class Node:
                 raise RequestError("too_long", f"sequence {i} would reach {seq.received + n} tokens, beyond the "
                                                f"session's max_length {session.max_length}")
         page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
-        if not all_finite(hidden):
-            raise RequestError("bad_tensor", "hidden states contain NaN or infinity")
         if self.scheduler.queued_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
             raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
                                        "waiting here; retry when its steps finish")
@@ -716,6 +738,14 @@ class Node:
                                                   f"{PAGE_HASH_BYTES} bytes, one per page of {page_size} tokens "
                                                   "this step completes")
         return page_hashes
+
+
+def _not_finite() -> RequestError:
+    return RequestError("bad_tensor", "hidden states contain NaN or infinity")
+
+
+def _valid_lengths(lengths: Any) -> bool:
+    return isinstance(lengths, list) and all(type(n) is int and n >= 0 for n in lengths)
 
 
 def _digest(session_id: str) -> str:

@@ -29,7 +29,12 @@ import torch
 
 PROTOCOL_VERSION = 1
 INFERENCE_HANDLER = "swarm.inference.v1"
-PUSH_HANDLER = "swarm.push.v1"  # node to node: steps of a session's chain, pushed by the previous node
+# node to node: the steps of sessions' chains, pushed by the previous node. A push frame carries every step one
+# forward of that node sends on: {"type": "steps", "steps": [{session, lengths, page_hashes, push}, ...], "hidden":
+# the rows of all of them, in order}, so the next node reads, decodes and checks one tensor per forward, not per
+# session. (v1 pushed a frame per step; a node of either version fails to open the other's stream, and the client
+# then carries the outputs itself.)
+PUSH_HANDLER = "swarm.push.v2"
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 

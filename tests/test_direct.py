@@ -41,9 +41,9 @@ def local_tokens(path) -> tuple[torch.Tensor, AutoModelForCausalLM]:
     return local.generate(ids, max_new_tokens=12, do_sample=False), local
 
 
-# direct streams each node served: the first node, the client's session; the second, the client's session and
-# the first node's pushes
-@pytest.mark.parametrize("arguments, served", [((), [1, 2]), (("--no-direct-streams",), [0, 0])],
+# direct streams each node served: each node, the client's session and the pushes into it (the first node's, the
+# client's; the second's, the first node's)
+@pytest.mark.parametrize("arguments, served", [((), [2, 2]), (("--no-direct-streams",), [0, 0])],
                          ids=["on-one-machine", "told-not-to"])
 def test_a_session_on_one_machine_streams_directly_unless_told_not_to(tiny_model, local_swarm, arguments, served):
     path = tiny_model("llama")

@@ -103,6 +103,43 @@ def test_push_chain_generates_exactly_and_the_client_keeps_every_span_input(tiny
     assert torch.equal(pushed, compressed_carried) and torch.equal(pushed, compressed_pushed)
 
 
+def test_sessions_stepping_together_travel_in_shared_push_frames_and_decode_exactly(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--throughput", "100")
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (1, 5 + i), generator=generator) for i in range(4)]
+    new_tokens = 6
+    expected = [local.generate(ids, max_new_tokens=new_tokens, do_sample=False) for ids in prompts]
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        embed, norm, head = model.get_input_embeddings(), model.base_model.norm, model.get_output_embeddings()
+
+        async def decode(ids: torch.Tensor) -> torch.Tensor:
+            async with InferenceSession(model.connection, model.swarm_model_name, model.num_blocks, 16) as session:
+                new = ids
+                for _ in range(new_tokens):
+                    with torch.no_grad():
+                        out = await session.astep(embed(new))
+                        new = head(norm(out[:, -1:])).argmax(-1)
+                    ids = torch.cat([ids, new], dim=1)
+            return ids
+
+        async def decode_together() -> list[torch.Tensor]:  # each round, every session steps in the same turn
+            return await asyncio.gather(*(decode(ids) for ids in prompts))
+
+        before = [run_coroutine(model.connection.node_stats(node.peer_id)) for node in nodes]
+        tokens = run_coroutine(decode_together())
+        after = [run_coroutine(model.connection.node_stats(node.peer_id)) for node in nodes]
+    for got, want in zip(tokens, expected):
+        assert_same_tokens(got, want, local)
+    steps = len(prompts) * new_tokens
+    for node_before, node_after in zip(before, after):
+        # the client's steps reach the first node, and the first node's outputs the second, by push
+        pushed = node_after.get("pushed_steps", 0) - node_before.get("pushed_steps", 0)
+        frames = node_after.get("push_frames", 0) - node_before.get("push_frames", 0)
+        assert pushed == steps and frames <= steps // 2, (pushed, frames)
+
+
 def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, local_swarm):
     path = tiny_model("llama", num_hidden_layers=6)
     options = ["--num-blocks", "2", "--throughput", "100", "--balance-period", "2", *FAST]

@@ -83,6 +83,59 @@ def test_bad_input_gets_clear_errors_and_the_node_keeps_serving(llama_swarm):
     assert torch.equal(generated, local.generate(ids, max_new_tokens=8, do_sample=False))
 
 
+def test_a_bad_push_frame_or_step_loses_nothing_else(llama_swarm):
+    """Push frames carry many sessions' steps: a malformed frame is dropped whole, a bad step within a good frame
+    gets its session an error, and the other steps of that frame are served."""
+    path, model, _ = llama_swarm
+    records = run_coroutine(model.connection.records(model.swarm_model_name))
+    first = next(r for r in records if r.start == 0 and r.state == NodeState.ONLINE)
+    hidden_size = model.config.hidden_size
+    good, bad = (SpanSession.open(model.connection, Hop(first, 0, 2), max_length=8, batch_size=1) for _ in range(2))
+    good, bad = run_coroutine(good), run_coroutine(bad)
+    good.pusher = bad.pusher = None  # this test writes the push frames itself
+    rows = torch.randn(2, hidden_size)
+    expected = run_coroutine(SpanSession.open(model.connection, Hop(first, 0, 2), max_length=8, batch_size=1))
+    expected.pusher = None
+    expected_out = run_coroutine(expected.step(rows, [2]))
+
+    def step(span, lengths):
+        return {"session": span.session_id, "lengths": lengths, "page_hashes": None, "push": None}
+
+    async def push_frames() -> None:
+        _, writer = await model.connection.open_stream(first.peer_id, protocol.PUSH_HANDLER)
+        for frame in [b"\x93\xc1 garbage", pack("step", session=good.session_id, lengths=[2], hidden=encode_tensor(rows)),
+                      pack("steps", steps=[step(good, [2])], hidden=encode_tensor(rows[:1])),  # rows missing
+                      pack("steps", steps=[step(good, [-2])], hidden=encode_tensor(rows)),
+                      pack("steps", steps=[], hidden=encode_tensor(rows[:0])),
+                      pack("steps", steps=[step(good, [2])], hidden=encode_tensor(rows.half()))]:
+            await write_frame(writer, frame)
+        # one frame: an unknown session's step, a step with NaN, a step too long for its session, a good step
+        await write_frame(writer, pack("steps", steps=[{**step(good, [1]), "session": "no-such-session"},
+                                                       step(bad, [2]), step(bad, [9]), step(good, [2])],
+                                       hidden=encode_tensor(torch.cat([rows[:1], rows * float("nan"),
+                                                                       torch.randn(9, hidden_size), rows]))))
+        writer.close()
+
+    run_coroutine(push_frames())
+    # the good session's only reply is its step's output; the bad one's, an error for each of its steps
+    out, pushed = run_coroutine(good.receive(2))
+    assert torch.equal(out, expected_out) and not pushed
+    replies = []
+    for _ in range(2):
+        with pytest.raises(NodeError) as error:
+            run_coroutine(bad.receive(2))
+        replies.append(error.value.code)
+    assert sorted(replies) == ["bad_tensor", "too_long"]
+    # nothing else reached the sessions, which go on from where their steps left them
+    second = torch.randn(1, hidden_size)
+    assert run_coroutine(good.step(second, [1])).shape == (1, hidden_size)
+    assert torch.equal(run_coroutine(bad.step(rows, [2])), expected_out)
+    stats = run_coroutine(model.connection.node_stats(first.peer_id))
+    assert stats["push_frames"] >= 1 and stats["pushed_steps"] >= 3
+    for span in (good, bad, expected):
+        run_coroutine(span.close())
+
+
 def test_clear_client_errors(llama_swarm, tiny_model):
     path, model, swarm = llama_swarm
     with pytest.raises(RoutingError, match="exceed what the nodes serving block 0"):

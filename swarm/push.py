@@ -1,0 +1,81 @@
+"""Pushing steps to a node's push handler, many sessions' steps in one frame.
+
+A node pushes each step's output to the next node of that session's chain, and a client may send the steps of
+its sessions to their first node the same way. Steps bound for one node in one turn of the event loop (a
+forward's outputs, or the steps of a client's sessions that step together) go out as one frame with one tensor
+(swarm/protocol.py, PUSH_HANDLER), so the receiving node reads, decodes and checks it once for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2P
+
+from swarm import direct, protocol, rpc
+from swarm.protocol import encode_tensor_async, pack, write_frame
+from swarm.swarm_key import SwarmKey
+
+logger = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 5.0  # seconds to open a push stream
+
+
+@dataclass(eq=False)
+class _Outbox:
+    sent: asyncio.Future  # True once written to the node, False if that failed
+    steps: list[dict] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+
+class Pusher:
+    """One push stream per node, opened on first use and reopened after a failure."""
+
+    def __init__(self, p2p: P2P, swarm_key: SwarmKey | None):
+        self.p2p, self.swarm_key = p2p, swarm_key
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._outboxes: dict[tuple[str, str, bool], _Outbox] = {}  # by (peer, dtype, compressed)
+
+    async def push(self, hop: dict, rows: torch.Tensor, lengths: list[int], rest: list[dict] | None,
+                   compress: bool = False) -> bool:
+        """Send rows as a step of hop's session (a chain entry: peer, session, dtype, host, page_hashes), whose
+        output the node pushes on along rest. False if it could not be sent."""
+        key = (hop["peer"], hop["dtype"], compress)
+        outbox = self._outboxes.get(key)
+        if outbox is None:
+            outbox = self._outboxes[key] = _Outbox(asyncio.get_running_loop().create_future())
+            asyncio.create_task(self._send(key, direct.reachable(hop.get("host"))))
+        outbox.steps.append({"session": hop["session"], "lengths": lengths, "page_hashes": hop.get("page_hashes"),
+                             "push": rest or None})
+        outbox.rows.append(rows.to(protocol.DTYPES[hop["dtype"]]))
+        return await outbox.sent
+
+    async def _send(self, key: tuple[str, str, bool], reachable: bool) -> None:
+        """Runs a turn after the outbox opened, when every step that ended in that turn has put its rows in."""
+        outbox = self._outboxes.pop(key)
+        peer, _, compress = key
+        try:
+            frame = pack("steps", steps=outbox.steps, hidden=await encode_tensor_async(torch.cat(outbox.rows), compress))
+            async with self._locks.setdefault(peer, asyncio.Lock()):  # one stream per peer, opened once
+                if peer not in self._writers:
+                    _, self._writers[peer] = await asyncio.wait_for(
+                        rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key, direct=reachable),
+                        OPEN_TIMEOUT)
+                await write_frame(self._writers[peer], frame)
+        except Exception as e:
+            logger.info("could not push %d steps to %s: %s", len(outbox.steps), peer[-8:], e)
+            writer = self._writers.pop(peer, None)
+            if writer is not None:
+                writer.close()
+            outbox.sent.set_result(False)
+        else:
+            outbox.sent.set_result(True)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
