@@ -7,8 +7,9 @@ to the pool) when the client closes the stream, sends ``close``, or goes idle fo
 timeout. A step's input comes from the client (a ``step`` frame on that stream) or is pushed, in a frame with
 other sessions' steps (swarm/push.py), by the previous node of the session's chain or by the client; either
 way the output goes back to the client on the session's stream and, when the step says so, straight on to the
-next node. Every frame is validated before it touches the cache; a bad frame gets an error reply and the session stays as it was. Admission, batching across
-sessions and preemption are the scheduler's (node/scheduler.py); where to serve is swarm/balancing.py's.
+next node. Every frame is validated before it touches the cache; a bad frame gets an error reply and the
+session stays as it was. Admission, batching across sessions and preemption are the scheduler's
+(node/scheduler.py); where to serve is swarm/balancing.py's.
 """
 
 from __future__ import annotations
@@ -143,7 +144,6 @@ class ClientStream:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or a push
     next_hop: tuple[str, str] | None = None  # (peer id, session id) this session's outputs were pushed to last
     last_active: float = field(default_factory=time.monotonic)
-
 
 
 class Node:
@@ -555,8 +555,8 @@ class Node:
             await self._serve_push(peer, reader, writer)
 
     async def _serve_push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Frames of steps pushed by the previous node of sessions' chains; each step runs as if its client had
-        sent it, and its reply (or error) goes to that client."""
+        """Frames of steps pushed by the previous node of sessions' chains, or by their client; each step runs as if
+        its client had sent it on the session's stream, and its reply (or error) goes to that client."""
         try:
             while (frame := await read_frame(reader)) is not None:
                 try:

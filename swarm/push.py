@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,9 @@ from swarm.swarm_key import SwarmKey
 logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 5.0  # seconds to open a push stream
+# After a push to a node failed, steps for it go the other way (the client carries them) for this long: a node
+# of another protocol version refuses every push stream, and trying again at each step would cost a round trip.
+RETRY_SECONDS = 10.0
 
 
 @dataclass(eq=False)
@@ -32,18 +36,21 @@ class _Outbox:
 
 
 class Pusher:
-    """One push stream per node, opened on first use and reopened after a failure."""
+    """One push stream per node, opened on first use and reopened RETRY_SECONDS after a failure."""
 
     def __init__(self, p2p: P2P, swarm_key: SwarmKey | None):
         self.p2p, self.swarm_key = p2p, swarm_key
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._outboxes: dict[tuple[str, str, bool], _Outbox] = {}  # by (peer, dtype, compressed)
+        self._failed: dict[str, float] = {}  # peer -> when its last push failed
 
     async def push(self, hop: dict, rows: torch.Tensor, lengths: list[int], rest: list[dict] | None,
                    compress: bool = False) -> bool:
         """Send rows as a step of hop's session (a chain entry: peer, session, dtype, host, page_hashes), whose
         output the node pushes on along rest. False if it could not be sent."""
+        if time.monotonic() - self._failed.get(hop["peer"], -RETRY_SECONDS) < RETRY_SECONDS:
+            return False
         key = (hop["peer"], hop["dtype"], compress)
         outbox = self._outboxes.get(key)
         if outbox is None:
@@ -67,7 +74,9 @@ class Pusher:
                         OPEN_TIMEOUT)
                 await write_frame(self._writers[peer], frame)
         except Exception as e:
-            logger.info("could not push %d steps to %s: %s", len(outbox.steps), peer[-8:], e)
+            logger.info("could not push %d steps to %s (%s); not trying again for %.0f s", len(outbox.steps), peer[-8:],
+                        e, RETRY_SECONDS)
+            self._failed[peer] = time.monotonic()
             writer = self._writers.pop(peer, None)
             if writer is not None:
                 writer.close()

@@ -14,6 +14,7 @@ from client.session import InferenceSession
 from conftest import assert_same_tokens
 from swarm import protocol
 from swarm.protocol import decode_tensor, encode_tensor, pack, read_frame, write_frame
+from swarm.push import Pusher
 from swarm.records import NodeState
 
 FAST = ["--announce-period", "1"]  # records refresh every second and expire after three
@@ -138,6 +139,30 @@ def test_sessions_stepping_together_travel_in_shared_push_frames_and_decode_exac
         pushed = node_after.get("pushed_steps", 0) - node_before.get("pushed_steps", 0)
         frames = node_after.get("push_frames", 0) - node_before.get("push_frames", 0)
         assert pushed == steps and frames <= steps // 2, (pushed, frames)
+
+
+def test_a_node_that_refuses_push_streams_gets_every_step_on_the_session_stream(tiny_model, local_swarm,
+                                                                                 monkeypatch):
+    """As a node of another protocol version does: the client carries its steps, and stops trying for a while."""
+    path = tiny_model("llama")
+    first, _ = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--throughput", "100")
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    monkeypatch.setattr(protocol, "PUSH_HANDLER", "swarm.push.v0")  # what this client asks for, no node serves
+    attempts = []
+    send = Pusher._send
+
+    async def counted_send(self, *args) -> None:
+        attempts.append(args)
+        await send(self, *args)
+
+    monkeypatch.setattr(Pusher, "_send", counted_send)
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        stats = run_coroutine(model.connection.node_stats(first.peer_id))
+    assert_same_tokens(tokens, local.generate(ids, max_new_tokens=8, do_sample=False), local)
+    assert stats.get("pushed_steps", 0) == 0
+    assert len(attempts) == 1  # not at each of the 8 steps
 
 
 def test_nodes_without_blocks_cover_the_model_and_recover_coverage(tiny_model, local_swarm):
