@@ -3,6 +3,7 @@ valid request), the node never crashes or hangs, and an honest session beside it
 
 import asyncio
 import threading
+import time
 
 import msgpack
 import pytest
@@ -74,6 +75,42 @@ def messages(draw):
                                                                     "dtype": dtypes}), max_size=2))]:
         if draw(st.booleans()):
             message.update(draw(fields(name, strategy)))
+    return message
+
+
+HIDDEN = 64  # the tiny llama's hidden size
+
+
+@st.composite
+def pushed_steps(draw):
+    """A push frame's steps and hidden states: consistent (each step's rows in order, maybe NaN in some) or not."""
+    steps = [{"session": draw(st.sampled_from([SESSION, SESSION, "nope"])),
+              "lengths": draw(st.lists(st.integers(0, 3), min_size=2, max_size=2) | st.lists(st.integers(-1, 40),
+                                                                                               max_size=3))}
+             for _ in range(draw(st.integers(0, 4)))]
+    for step in steps:
+        for name, strategy in [("page_hashes", st.lists(st.lists(st.binary(min_size=16, max_size=16), max_size=2),
+                                                        max_size=2)),
+                               ("push", st.lists(st.fixed_dictionaries({"peer": st.text(max_size=60),
+                                                                        "session": st.text(), "dtype": dtypes}),
+                                                 max_size=2))]:
+            if draw(st.booleans()):
+                step.update(draw(fields(name, strategy)))
+    rows = sum(max(n, 0) for step in steps for n in step["lengths"])
+    if draw(st.booleans()) and rows:
+        values = torch.randn(rows, HIDDEN)
+        if draw(st.booleans()):
+            values[draw(st.integers(0, rows - 1)), 0] = float("nan")
+        hidden = protocol.encode_tensor(values, compress=draw(st.booleans()))
+    else:
+        hidden = draw(tensors())
+    return {"steps": draw(st.one_of(st.just(steps), anything)), "hidden": hidden}
+
+
+@st.composite
+def push_messages(draw):
+    message = {"v": draw(st.sampled_from([1, 1, 1, 2])), "type": draw(st.sampled_from(["steps", "steps", "step", None]))}
+    message.update({k: v for k, v in draw(pushed_steps()).items() if draw(st.integers(0, 5))})  # mostly both fields
     return message
 
 
@@ -179,6 +216,64 @@ def fuzz(fuzz_target, examples: int) -> None:
 
 def test_malformed_frames_get_errors_and_the_node_keeps_serving_honest_sessions(fuzz_target):
     fuzz(fuzz_target, 2000)
+
+
+push_frames = st.one_of(st.binary(max_size=300), push_messages().map(lambda m: ("message", m)),
+                        st.builds(truncated, push_messages(), st.integers(1, 40)))
+
+
+def test_malformed_push_frames_lose_nothing_and_the_node_keeps_serving(fuzz_target):
+    """Push frames (many sessions' steps in one) from a peer: the node answers each step it can place on that
+    session's stream, drops the rest, and an honest session beside it stays token-exact."""
+    path, node, model, _ = fuzz_target
+    session = FuzzedStream(model, node.peer_id)
+    session.open()
+    replies = []
+
+    async def drain() -> None:  # the session's stream gets an output or an error for every step pushed into it
+        while (frame := await read_frame(session.reader)) is not None:
+            replies.append(protocol.unpack(frame))
+
+    async def open_push_stream():
+        _, writer = await model.connection.open_stream(node.peer_id, protocol.PUSH_HANDLER)
+        return writer
+
+    async def start_draining() -> asyncio.Task:
+        return asyncio.create_task(drain())
+
+    async def close_streams() -> None:
+        draining.cancel()
+        writer.close()
+        session.writer.close()
+
+    writer = run_coroutine(open_push_stream())
+    draining = run_coroutine(start_draining())
+
+    def push(frame) -> None:
+        if isinstance(frame, tuple):
+            message = frame[1]
+            if isinstance(message.get("steps"), list):
+                message = {**message, "steps": [{**s, "session": session.session} if isinstance(s, dict)
+                                                and s.get("session") == SESSION else s for s in message["steps"]]}
+            frame = msgpack.packb(message, use_bin_type=True)
+        run_coroutine(protocol.write_frame(writer, frame))
+
+    storm = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck),
+                     database=None)(given(frame=push_frames)(push))
+    result = {}
+    honest = threading.Thread(target=lambda: result.update(zip(("tokens", "expected"), honest_generation(path, model))))
+    honest.start()
+    storm()
+    honest.join()
+    assert node.poll() is None, "the node crashed"
+    assert torch.equal(result["tokens"], result["expected"])
+    time.sleep(1)  # the last steps' replies
+    assert {r["type"] for r in replies} <= {"output", "error"} and all(
+        r["code"] and r["message"] for r in replies if r["type"] == "error"), replies[:5]
+    assert any(r["type"] == "output" for r in replies), replies[:5]  # steps of well-formed frames were served
+    run_coroutine(close_streams())
+    tokens, expected = honest_generation(path, model)  # and after the storm
+    assert torch.equal(tokens, expected)
 
 
 @pytest.mark.slow
