@@ -115,18 +115,20 @@ def test_sessions_stepping_together_travel_in_shared_push_frames_and_decode_exac
     with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers) as model:
         embed, norm, head = model.get_input_embeddings(), model.base_model.norm, model.get_output_embeddings()
 
-        async def decode(ids: torch.Tensor) -> torch.Tensor:
+        async def decode(ids: torch.Tensor, round_ends: asyncio.Barrier) -> torch.Tensor:
             async with InferenceSession(model.connection, model.swarm_model_name, model.num_blocks, 16) as session:
                 new = ids
                 for _ in range(new_tokens):
+                    await round_ends.wait()  # then every session steps in the same turn of the event loop
                     with torch.no_grad():
                         out = await session.astep(embed(new))
                         new = head(norm(out[:, -1:])).argmax(-1)
                     ids = torch.cat([ids, new], dim=1)
             return ids
 
-        async def decode_together() -> list[torch.Tensor]:  # each round, every session steps in the same turn
-            return await asyncio.gather(*(decode(ids) for ids in prompts))
+        async def decode_together() -> list[torch.Tensor]:
+            round_ends = asyncio.Barrier(len(prompts))
+            return await asyncio.gather(*(decode(ids, round_ends) for ids in prompts))
 
         before = [run_coroutine(model.connection.node_stats(node.peer_id)) for node in nodes]
         tokens = run_coroutine(decode_together())
