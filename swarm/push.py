@@ -67,7 +67,9 @@ class Pusher:
         peer, _, compress = key
         try:
             frame = pack("steps", steps=outbox.steps, hidden=await encode_tensor_async(torch.cat(outbox.rows), compress))
-            async with self._locks.setdefault(peer, asyncio.Lock()):  # one stream per peer, opened once
+            if peer not in self._locks:
+                self._locks[peer] = asyncio.Lock()
+            async with self._locks[peer]:  # one stream per peer, opened once
                 if peer not in self._writers:
                     _, self._writers[peer] = await asyncio.wait_for(
                         rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key, direct=reachable),
