@@ -21,6 +21,7 @@ from hivemind.p2p import P2P
 
 from swarm import rpc
 from swarm.dht import shutdown_dht
+from swarm.heap import keep_freed_memory
 from swarm.protocol import pack
 from swarm.push import Pusher
 from swarm.records import NodeRecord, SignedRecordValidator, fetch_models, fetch_records
@@ -82,6 +83,7 @@ class SwarmConnection:
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm bootstrap` or a node")
         _settle_heap()
+        keep_freed_memory()
         self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True,
                        host_maddrs=[f"/ip4/{host}/tcp/0"], record_validators=[SignedRecordValidator()])
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())

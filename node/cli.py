@@ -11,6 +11,7 @@ from swarm import logs
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import model_name
 from swarm.devices import device_argument
+from swarm.heap import keep_freed_memory
 from swarm.protocol import DTYPES
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> None:
     from node.server import Node, NodeConfig  # torch model code is imported only by the commands that need it
 
     logs.setup(args.log_format)
+    keep_freed_memory()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     elif args.device.startswith("cuda"):
