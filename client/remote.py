@@ -19,7 +19,8 @@ import uvloop
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
-from swarm import rpc
+from client.link import NodeLink
+from swarm import protocol, rpc
 from swarm.dht import shutdown_dht
 from swarm.heap import keep_freed_memory
 from swarm.protocol import pack
@@ -89,6 +90,8 @@ class SwarmConnection:
         self.p2p: P2P = run_coroutine(self.dht.replicate_p2p())
         self.pusher = Pusher(self.p2p, self.swarm_key)  # sends the steps of sessions that step together in one frame
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+        self._links: dict[str, NodeLink] = {}  # by peer id
+        self._link_locks: dict[str, asyncio.Lock] = {}
 
     def ban(self, peer_id: str) -> None:
         """Keep sessions off a node that failed: 5 s, doubling with each failure in a row, up to 5 minutes."""
@@ -110,6 +113,19 @@ class SwarmConnection:
         """direct: the node runs on this machine; its unix socket is tried first (swarm/direct.py)."""
         return await rpc.open_stream(self.p2p, peer_id, handler, self.swarm_key, direct)
 
+    async def link(self, peer_id: str, label: str, direct: bool = False, timeout: float = 10.0) -> NodeLink:
+        """The stream to a node that all sessions of this client there share: opened on first use, and again after
+        it broke."""
+        if peer_id not in self._link_locks:
+            self._link_locks[peer_id] = asyncio.Lock()
+        async with self._link_locks[peer_id]:  # sessions opening at once share one stream
+            link = self._links.get(peer_id)
+            if link is None or link.closed:
+                reader, writer = await asyncio.wait_for(
+                    self.open_stream(peer_id, protocol.INFERENCE_HANDLER, direct), timeout)
+                link = self._links[peer_id] = NodeLink(label, reader, writer)
+            return link
+
     async def probe(self, records: Sequence[NodeRecord], timeout: float = 5.0) -> dict[str, Probe]:
         """Ping the nodes at once: round trip and live load of each one that answered."""
         answers = await asyncio.gather(*(rpc.ping(self.p2p, r.peer_id, timeout, swarm_key=self.swarm_key)
@@ -127,6 +143,8 @@ class SwarmConnection:
 
     async def _close_streams(self) -> None:
         self.pusher.close()
+        for link in self._links.values():
+            link.close()
         await self.p2p.shutdown()
 
     async def node_stats(self, peer_id: str) -> dict:

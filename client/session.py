@@ -10,7 +10,6 @@ same way, before the node is gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -18,9 +17,10 @@ from collections.abc import Collection
 import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
+from client.link import NodeLink
 from client.remote import SwarmConnection, run_coroutine
 from swarm import direct, protocol
-from swarm.protocol import ProtocolError, decode_tensor_async, encode_tensor_async, pack, read_frame, write_frame
+from swarm.protocol import ProtocolError, encode_tensor_async, pack
 from swarm.push import Pusher
 from swarm.records import NodeState
 from swarm.routing import Hop, MissingBlocksError, RoutingError, plan_route
@@ -58,13 +58,14 @@ def failed(error: BaseException) -> bool:
 
 
 class SpanSession:
-    """One node's part of a session: an open stream that carries steps through blocks [hop.start, hop.end)."""
+    """One node's part of a session: steps through blocks [hop.start, hop.end), on the client's stream to that node
+    (client/link.py), which it shares with the client's other sessions there."""
 
-    def __init__(self, hop: Hop, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, step_timeout: float,
-                 compress: bool = False):
-        self.hop, self.reader, self.writer = hop, reader, writer
+    def __init__(self, hop: Hop, link: NodeLink, step_timeout: float, compress: bool = False):
+        self.hop, self.link = hop, link
         self.step_timeout, self.compress = step_timeout, compress
         self.session_id: str | None = None
+        self.inbox: asyncio.Queue | None = None  # the node's replies to this session's steps
         self.queued_s = 0.0  # how long the node kept the session waiting for KV cache room
         self.wire_dtype = protocol.DTYPES[hop.node.dtype]
         self.draining = False  # the node said it is leaving
@@ -77,37 +78,35 @@ class SpanSession:
     async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int,
                    priority: str = "interactive", step_timeout: float = 10.0, compress: bool = False) -> SpanSession:
         """compress: the session's tensors travel compressed, also those the node replies and pushes."""
-        reader, writer = await asyncio.wait_for(
-            connection.open_stream(hop.node.peer_id, protocol.INFERENCE_HANDLER, direct.reachable(hop.node.host)),
-            step_timeout)
-        span = cls(hop, reader, writer, step_timeout, compress)
+        link = await connection.link(hop.node.peer_id, hop.node.label, direct.reachable(hop.node.host), step_timeout)
+        span = cls(hop, link, step_timeout, compress)
         span.pusher = connection.pusher
-        try:
-            reply = await span._request(pack("open", max_length=max_length, batch_size=batch_size, start=hop.start,
-                                             end=hop.end, priority=priority, compress=compress),
-                                        step_timeout + OPEN_QUEUE_SECONDS)  # the node may queue the session
-        except BaseException:
-            writer.close()
-            raise
+        reply = await link.open(step_timeout + OPEN_QUEUE_SECONDS,  # the node may queue the session
+                                max_length=max_length, batch_size=batch_size, start=hop.start, end=hop.end,
+                                priority=priority, compress=compress)
+        span._check(reply)
         span.session_id, span.queued_s = reply["session"], reply.get("queued_s", 0.0)
+        span.inbox = link.inboxes[span.session_id]
         if span.queued_s > 1:
             logger.info("node %s queued the session %.1f s for KV cache room", hop.node.label, span.queued_s)
         return span
 
-    async def _request(self, frame: bytes, timeout: float | None = None) -> dict:
-        await write_frame(self.writer, frame)
-        return await self._reply(timeout)
+    def _check(self, reply: dict) -> None:
+        if reply.get("type") == "error":
+            raise NodeError(self.hop.node.peer_id, reply.get("code", "error"), reply.get("message", ""))
+        self.draining = self.draining or reply.get("draining", False)
 
-    async def _reply(self, timeout: float | None) -> dict:
+    async def _reply(self, timeout: float | None) -> tuple[dict, torch.Tensor | None]:
+        """The node's next reply to this session, and its rows if it is an output."""
+        if self.inbox.empty() and self.link.closed:
+            raise self.link.error
         async with asyncio.timeout(timeout):  # unlike wait_for, no task per reply
-            reply = await read_frame(self.reader)
-        if reply is None:
-            raise ConnectionError(f"node {self.hop.node.label} closed the stream")
-        message = protocol.unpack(reply)
-        if message["type"] == "error":
-            raise NodeError(self.hop.node.peer_id, message.get("code", "error"), message.get("message", ""))
-        self.draining = self.draining or message.get("draining", False)
-        return message
+            reply = await self.inbox.get()
+        if isinstance(reply, ConnectionError):
+            raise reply
+        reply, rows = reply if isinstance(reply, tuple) else (reply, None)
+        self._check(reply)
+        return reply, rows
 
     def timeout(self, tokens: int) -> float:
         """How long a step of this many tokens may take here before the node counts as stuck: the base timeout
@@ -124,36 +123,20 @@ class SpanSession:
         """Send a step; with push, the node sends its output on to push[0], which sends it on to push[1]...
 
         The step goes in one push frame with the steps that other sessions of this client send the same node in
-        this turn of the event loop, or on the session's stream if that fails."""
+        this turn of the event loop, or on the client's stream to the node if that fails."""
         self.inputs.append((lengths, hidden))
         if self.pusher is not None and await self.pusher.push(self.next_hop(page_hashes), hidden, lengths, push,
                                                               self.compress):
             return
-        try:
-            if self.writer.is_closing():
-                raise ConnectionError("the stream is closed")
-            await write_frame(self.writer, pack("step", session=self.session_id, lengths=lengths,
-                                                page_hashes=page_hashes, push=push,
-                                                hidden=await encode_tensor_async(hidden.to(self.wire_dtype),
-                                                                                 self.compress)))
-        except (ConnectionError, OSError, RuntimeError) as e:  # RuntimeError: asyncio's "handler is closed"
-            raise await self._why_closed(e) from e
-
-    async def _why_closed(self, error: BaseException) -> Exception:
-        """The node may have said why before it closed the stream (its session expired, say): that reason, else a
-        ConnectionError."""
-        try:
-            await self._reply(0.5)
-        except NodeError as reason:
-            return reason
-        except Exception:
-            pass
-        return ConnectionError(f"the stream to node {self.hop.node.label} broke: {error!r}")
+        await self.link.send(pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes, push=push,
+                                  hidden=await encode_tensor_async(hidden.to(self.wire_dtype), self.compress)))
 
     async def receive(self, tokens: int) -> tuple[torch.Tensor, bool]:
         """The output of this span's next step of `tokens` rows, and whether the node pushed it on."""
-        reply = await self._reply(self.timeout(tokens))
-        return await decode_tensor_async(reply["hidden"]), reply.get("pushed", False)
+        reply, rows = await self._reply(self.timeout(tokens))
+        if rows is None:
+            raise ProtocolError(f"node {self.hop.node.label} answered a step with {reply.get('type')!r}")
+        return rows, reply.get("pushed", False)
 
     async def step(self, hidden: torch.Tensor, lengths: list[int],
                    page_hashes: list[list[bytes]] | None = None) -> torch.Tensor:
@@ -162,10 +145,8 @@ class SpanSession:
         return (await self.receive(sum(lengths)))[0]
 
     async def close(self) -> None:
-        if not self.writer.is_closing():
-            with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # the stream may be broken already
-                await write_frame(self.writer, pack("close"))
-        self.writer.close()
+        if self.session_id is not None:
+            await self.link.close_session(self.session_id)
 
 
 class InferenceSession:

@@ -2,11 +2,12 @@
 
 Peers on the same machine get the same streams over a unix socket instead (swarm/direct.py).
 
-One stream is one session: the client opens it with an ``open`` frame and the session ends (its pages return
-to the pool) when the client closes the stream, sends ``close``, or goes idle for longer than the session
-timeout. A step's input comes from the client (a ``step`` frame on that stream) or is pushed, in a frame with
-other sessions' steps (swarm/push.py), by the previous node of the session's chain or by the client; either
-way the output goes back to the client on the session's stream and, when the step says so, straight on to the
+A client opens one stream to the node for all its sessions here (node/link.py): each starts with an ``open``
+frame and ends (its pages return to the pool) when the client sends its ``close``, closes the stream, or leaves
+the session idle for longer than the session timeout. A step's input comes from the client (a ``step`` frame on
+that stream) or is pushed, in a frame with other sessions' steps (swarm/push.py), by the previous node of the
+session's chain or by the client; either way the output goes back to the client on its stream, in a frame with
+the outputs of its other sessions' steps of the same forward, and, when the step says so, straight on to the
 next node. Every frame is validated before it touches the cache; a bad frame gets an error reply and the
 session stays as it was. Admission, batching across sessions and preemption are the scheduler's
 (node/scheduler.py); where to serve is swarm/balancing.py's.
@@ -38,6 +39,7 @@ from hivemind.utils import get_dht_time
 
 from node.kv_cache import PagePool
 from node.limits import RequestRate
+from node.link import ClientLink, ClientSession
 from node.metrics import NodeCollector, serve_metrics
 from node.scheduler import PRIORITIES, AdmissionError, Scheduler, Sequence, Session
 from node.span import Span, block_bytes, block_cache_bytes_per_token
@@ -52,7 +54,6 @@ from swarm.protocol import (
     ProtocolError,
     all_finite,
     decode_tensor_async,
-    encode_tensor_async,
     error_frame,
     pack,
     read_frame,
@@ -134,18 +135,6 @@ class NodeConfig:
     metrics_port: int | None = None  # serve Prometheus metrics at http://host:port/metrics
 
 
-@dataclass(eq=False)
-class ClientStream:
-    """A session's stream from its client. Replies go here, also for steps that the previous node pushed."""
-
-    session: Session
-    writer: asyncio.StreamWriter
-    compress: bool  # the client asked for compressed tensors (a slow link): replies and pushes are compressed
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or a push
-    next_hop: tuple[str, str] | None = None  # (peer id, session id) this session's outputs were pushed to last
-    last_active: float = field(default_factory=time.monotonic)
-
-
 class Node:
     """A node daemon. It joins the DHT, takes a span (given, or chosen from the swarm's records), measures its
     throughput, serves sessions, and moves its span when that makes the swarm clearly faster."""
@@ -166,11 +155,13 @@ class Node:
         self.start, self.end = config.blocks or (0, 0)
         self.state = NodeState.JOINING
         self.rtts: dict[str, float] = {}
-        self.streams: dict[str, ClientStream] = {}  # by session id
+        self.sessions: dict[str, ClientSession] = {}  # by session id
         self.pusher: Pusher | None = None  # this node's push streams to the next nodes of its sessions' chains
         self.pushes_received: Counter[str] = Counter()  # push frames and the steps in them
+        self.outputs_sent: Counter[str] = Counter()  # output frames to clients and the outputs in them
         self.direct_server: DirectServer | None = None  # this node's unix socket, where the platform has them
         self._scheduler_task: asyncio.Task | None = None
+        self._expiry_task: asyncio.Task | None = None
         self._stop = asyncio.Event()  # exit now
         self._leaving = asyncio.Event()  # drain, then exit
         self.dht: DHT | None = None
@@ -218,6 +209,7 @@ class Node:
         try:
             self.p2p = await self.dht.replicate_p2p()
             self.pusher = Pusher(self.p2p, self.swarm_key)
+            self._expiry_task = asyncio.create_task(self._expire_idle_sessions())
             await self.p2p.add_binary_stream_handler(protocol.INFERENCE_HANDLER, self._handle_stream)
             await self.p2p.add_binary_stream_handler(protocol.PUSH_HANDLER, self._handle_push)
             if self.config.direct_streams and direct.HOST:
@@ -406,7 +398,7 @@ class Node:
         self.state = NodeState.DRAINING
         await self._announce()
         if not await self._drained():
-            logger.warning("%d sessions were still open after %.0f s", len(self.streams), self.config.drain_timeout)
+            logger.warning("%d sessions were still open after %.0f s", len(self.sessions), self.config.drain_timeout)
 
     async def _drained(self) -> bool:
         """Wait until every session here has ended (new ones are refused while draining)."""
@@ -431,8 +423,9 @@ class Node:
     async def _shutdown(self) -> None:
         logger.info("shutting down")
         self.state = NodeState.OFFLINE
-        if self._scheduler_task is not None:
-            self._scheduler_task.cancel()
+        for task in (self._scheduler_task, self._expiry_task):
+            if task is not None:
+                task.cancel()
         if self._metrics is not None:
             await self._metrics.cleanup()
         if self.direct_server is not None:
@@ -467,65 +460,34 @@ class Node:
             await self._serve_stream(peer, reader, writer)
 
     async def _serve_stream(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve an inference stream from peer, over libp2p or directly (swarm/direct.py)."""
-        stream: ClientStream | None = None
+        """Serve a client's stream, over libp2p or directly (swarm/direct.py): the opens, steps and closes of its
+        sessions, and one-shot requests (ping, stats, direct). Its sessions end with it."""
+        link = ClientLink(peer, writer, self.outputs_sent)
         try:
             while True:
                 try:
                     async with asyncio.timeout(self.config.session_timeout):  # unlike wait_for, no task per frame
                         frame = await read_frame(reader)
                 except TimeoutError:
-                    if stream is not None and time.monotonic() - stream.last_active < self.config.session_timeout:
-                        continue  # its steps arrive pushed by the previous node
+                    if link.sessions or link.opening:
+                        continue  # idle sessions expire one by one (_expire_idle_sessions)
                     logger.info("closing an idle stream from %s", peer)
-                    if stream is not None:  # the client learns why at its next step, and replays elsewhere or here
-                        await write_frame(writer, error_frame("session_expired", f"the session was idle for more "
-                                                              f"than {self.config.session_timeout:.0f} s; its cache "
-                                                              "is gone"))
                     break
                 if frame is None:
                     break
                 message = None
                 try:
+                    message = protocol.unpack(frame)
                     if not self.request_rate.allow(peer):
                         raise RequestError("busy", f"more than {self.config.max_requests_per_peer:g} requests per "
                                                    "second from one peer; slow down")
-                    message = protocol.unpack(frame)
-                    if message["type"] == "step":
-                        if stream is None or message.get("session") != stream.session.id:
-                            raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; "
-                                                                  "open one first")
-                        await self._run_step(stream, message)
-                        continue
-                    if message["type"] == "open":
-                        if stream is not None:
-                            raise RequestError("bad_request", "this stream already has an open session")
-                        compress = message.get("compress", False)
-                        if not isinstance(compress, bool):
-                            raise RequestError("bad_request", f"compress must be true or false, got {compress!r}")
-                        session = self._new_session(message, peer)
-                        queued = await self._admit(session)
-                        stream = self.streams[session.id] = ClientStream(session, writer, compress)
-                        reply = pack("opened", session=session.id, max_length=session.max_length, queued_s=queued)
-                    elif message["type"] == "ping":
-                        reply = pack("pong", state=self.state.value, **self._load())
-                    elif message["type"] == "stats":
-                        reply = pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start,
-                                     end=self.end, state=self.state.value, throughput=self.throughput.decode,
-                                     cpu_s=time.process_time(), chains=self._chains(), **self.pushes_received,
-                                     direct_streams=self.direct_server.accepted if self.direct_server else 0)
-                    elif message["type"] == "direct":
-                        handler = message.get("handler")
-                        if self.direct_server is None or handler not in self.direct_server.handlers:
-                            raise RequestError("bad_request", f"this node serves no direct streams to {handler!r}")
-                        reply = pack("direct", **self.direct_server.ticket(peer, handler))
-                    elif message["type"] == "close":
+                    if message["type"] == "close" and "session" not in message:
                         break
-                    else:
-                        raise RequestError("bad_request", f"unknown message type {message['type']!r}")
+                    reply = self._answer(link, message)
                 except Exception as e:
-                    reply = self._error_reply(e, peer)
-                await write_frame(writer, reply)
+                    reply = self._error_reply(e, peer, message)
+                if reply is not None:
+                    await write_frame(writer, reply)
         except ProtocolError as e:  # framing is lost (oversized or truncated frame): say why, then end the stream
             logger.info("dropping the stream from %s: %s", peer, e)
             with contextlib.suppress(ConnectionError):
@@ -533,21 +495,101 @@ class Node:
         except ConnectionError as e:
             logger.debug("stream from %s ended: %s", peer, e)
         finally:
-            if stream is not None:
-                del self.streams[stream.session.id]
-                self.scheduler.close(stream.session)
-                logger.info("closed session %s; %d pages free", stream.session.id, self.pool.free_pages)
+            link.closed = True
+            for task in link.opening:
+                task.cancel()
+            for session_id in list(link.sessions):
+                self._close_session(session_id)
             writer.close()
 
+    def _answer(self, link: ClientLink, message: dict) -> bytes | None:
+        """The reply to a frame on a client's stream, or None where it comes later (opens, steps) or never (close)."""
+        kind = message["type"]
+        if kind == "step":
+            served = self._served(message.get("session"))
+            if served is None or served.link is not link:
+                raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; open one first")
+            asyncio.create_task(self._run_step(served, message))  # the session's lock keeps its steps in order
+            return None
+        if kind == "open":
+            task = asyncio.create_task(self._open(link, message))  # it may queue for room: the stream goes on
+            link.opening.add(task)
+            task.add_done_callback(link.opening.discard)
+            return None
+        if kind == "close":
+            served = self._served(message.get("session"))
+            if served is not None and served.link is link:
+                self._close_session(served.session.id)
+            return None
+        if kind == "ping":
+            return pack("pong", state=self.state.value, **self._load())
+        if kind == "stats":
+            return pack("stats", **(self.scheduler.stats() if self.scheduler else {}), start=self.start, end=self.end,
+                        state=self.state.value, throughput=self.throughput.decode, cpu_s=time.process_time(),
+                        chains=self._chains(), **self.pushes_received, **self.outputs_sent,
+                        direct_streams=self.direct_server.accepted if self.direct_server else 0)
+        if kind == "direct":
+            handler = message.get("handler")
+            if self.direct_server is None or handler not in self.direct_server.handlers:
+                raise RequestError("bad_request", f"this node serves no direct streams to {handler!r}")
+            return pack("direct", **self.direct_server.ticket(link.peer, handler))
+        raise RequestError("bad_request", f"unknown message type {kind!r}")
+
+    async def _open(self, link: ClientLink, message: dict) -> None:
+        """Open a session on the client's stream, once there is room for it; the reply names the open's request."""
+        try:
+            compress = message.get("compress", False)
+            if not isinstance(compress, bool):
+                raise RequestError("bad_request", f"compress must be true or false, got {compress!r}")
+            session = self._new_session(message, link.peer)
+            queued = await self._admit(session)
+            if link.closed:  # the client went away while the session queued
+                self.scheduler.close(session)
+                return
+            self.sessions[session.id] = ClientSession(session, link, compress)
+            link.sessions.add(session.id)
+            reply = pack("opened", request=message.get("request"), session=session.id,
+                         max_length=session.max_length, queued_s=queued)
+        except Exception as e:
+            reply = self._error_reply(e, link.peer, message)
+        await link.send(reply)
+
+    def _served(self, session_id: Any) -> ClientSession | None:
+        return self.sessions.get(session_id) if isinstance(session_id, str) else None
+
+    def _close_session(self, session_id: str) -> None:
+        served = self.sessions.pop(session_id)
+        served.link.sessions.discard(session_id)
+        self.scheduler.close(served.session)
+        logger.info("closed session %s; %d pages free", session_id, self.pool.free_pages)
+
+    async def _expire_idle_sessions(self) -> None:
+        """End sessions idle for longer than the session timeout; their clients learn why at their next step, and
+        replay elsewhere or here."""
+        timeout = self.config.session_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = time.monotonic()
+            for session_id, served in list(self.sessions.items()):
+                if now - served.last_active > timeout and not served.lock.locked():
+                    logger.info("closing idle session %s of %s", session_id, served.link.peer)
+                    self._close_session(session_id)
+                    asyncio.create_task(served.link.send(error_frame(
+                        "session_expired", f"the session was idle for more than {timeout:.0f} s; its cache is gone",
+                        session=session_id)))
+
     @staticmethod
-    def _error_reply(error: Exception, peer: str) -> bytes:
+    def _error_reply(error: Exception, peer: str, request: Any = None) -> bytes:
+        """An error frame naming the session or open request it answers, so that the client can route it."""
+        ids = {key: request[key] for key in ("session", "request")
+               if isinstance(request, dict) and isinstance(request.get(key), (str, int))}
         if isinstance(error, ProtocolError):
-            return error_frame("bad_frame", str(error))
+            return error_frame("bad_frame", str(error), **ids)
         if isinstance(error, RequestError):
-            return error_frame(error.code, str(error))
+            return error_frame(error.code, str(error), **ids)
         # a bug on our side: this request fails, the node and the session go on
         logger.error("error serving a request from %s", peer, exc_info=error)
-        return error_frame("internal", f"node error: {type(error).__name__}: {error}")
+        return error_frame("internal", f"node error: {type(error).__name__}: {error}", **ids)
 
     async def _handle_push(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()
@@ -556,7 +598,7 @@ class Node:
 
     async def _serve_push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Frames of steps pushed by the previous node of sessions' chains, or by their client; each step runs as if
-        its client had sent it on the session's stream, and its reply (or error) goes to that client."""
+        its client had sent it on its stream, and its output (or error) goes to that client."""
         try:
             while (frame := await read_frame(reader)) is not None:
                 try:
@@ -567,15 +609,15 @@ class Node:
                     logger.info("ignoring a push from %s: %s", peer, e)
                     continue
                 self.pushes_received.update(push_frames=1, pushed_steps=len(steps))
-                for stream, message, rows in steps:
-                    asyncio.create_task(self._run_step(stream, message, rows))
+                for served, message, rows in steps:
+                    asyncio.create_task(self._run_step(served, message, rows))
         except (ProtocolError, ConnectionError) as e:
             logger.info("push stream from %s ended: %s", peer, e)
         finally:
             writer.close()
 
-    async def _pushed_steps(self, message: dict) -> list[tuple[ClientStream, dict, torch.Tensor | RequestError]]:
-        """The steps of a push frame, each with its session's stream and its rows of the frame's hidden states,
+    async def _pushed_steps(self, message: dict) -> list[tuple[ClientSession, dict, torch.Tensor | RequestError]]:
+        """The steps of a push frame, each with its session and its rows of the frame's hidden states,
         which are decoded and checked once for all of them. Steps of sessions that ended meanwhile are left out."""
         steps = message.get("steps")
         if message["type"] != "steps" or not isinstance(steps, list) or not 0 < len(steps) <= MAX_PUSHED_STEPS:
@@ -590,20 +632,20 @@ class Node:
         finite = all_finite(hidden)  # where not, each step checks its own rows
         known = []
         for step, rows in zip(steps, hidden.split(counts)):
-            stream = self.streams.get(step.get("session"))
-            if stream is None:
+            served = self._served(step.get("session"))
+            if served is None:
                 logger.info("ignoring a pushed step of an unknown session")
             else:
-                known.append((stream, step, rows if finite or all_finite(rows) else _not_finite()))
+                known.append((served, step, rows if finite or all_finite(rows) else _not_finite()))
         return known
 
-    async def _run_step(self, stream: ClientStream, message: dict, hidden: torch.Tensor | RequestError | None = None
-                        ) -> None:
-        """Compute a step, push its output to the next node if asked, and reply to the client. hidden: the step's
+    async def _run_step(self, served: ClientSession, message: dict,
+                        hidden: torch.Tensor | RequestError | None = None) -> None:
+        """Compute a step, push its output to the next node if asked, and send it to the client. hidden: the step's
         rows if they came decoded (pushed), or why they were refused."""
-        session = stream.session
-        stream.last_active = time.monotonic()
-        async with stream.lock:
+        session = served.session
+        served.last_active = time.monotonic()
+        async with served.lock:
             try:
                 chain = self._push_chain(message.get("push"))
                 if hidden is None:
@@ -611,13 +653,12 @@ class Node:
                 if isinstance(hidden, RequestError):
                     raise hidden
                 out = await self._step(session, message, hidden)
-                pushed = bool(chain) and await self._push(stream, chain, out, message["lengths"])
-                reply = pack("output", session=session.id, hidden=await encode_tensor_async(out, stream.compress),
-                             pushed=pushed, draining=self.state == NodeState.DRAINING)
+                pushed = bool(chain) and await self._push(served, chain, out, message["lengths"])
             except Exception as e:
-                reply = self._error_reply(e, session.peer)
-            with contextlib.suppress(ConnectionError):
-                await write_frame(stream.writer, reply)
+                await served.link.send(self._error_reply(e, session.peer, message))
+                return
+            await served.link.send_output(session.id, out, pushed, served.compress,
+                                          self.state == NodeState.DRAINING)
 
     @staticmethod
     def _push_chain(chain: Any) -> list[dict]:
@@ -631,11 +672,11 @@ class Node:
                                               "dtype")
         return chain
 
-    async def _push(self, stream: ClientStream, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
+    async def _push(self, served: ClientSession, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
         """Send the output to the next node as its step; False if it could not be sent (the client then sends it)."""
-        if not await self.pusher.push(chain[0], out, lengths, chain[1:], stream.compress):
+        if not await self.pusher.push(chain[0], out, lengths, chain[1:], served.compress):
             return False
-        stream.next_hop = (chain[0]["peer"], chain[0]["session"])
+        served.next_hop = (chain[0]["peer"], chain[0]["session"])
         return True
 
     def _load(self) -> dict[str, int]:
@@ -648,11 +689,11 @@ class Node:
     def _chains(self) -> list[dict]:
         """Each session here and where its outputs go, under digests of the session ids: the ids themselves let
         anyone push steps into a session, so they are never shown."""
-        return [{"session": _digest(session_id), "client": stream.session.peer, "start": stream.session.start,
-                 "end": stream.session.end,
-                 "next": None if stream.next_hop is None else {"peer": stream.next_hop[0],
-                                                                "session": _digest(stream.next_hop[1])}}
-                for session_id, stream in self.streams.items()]
+        return [{"session": _digest(session_id), "client": served.session.peer, "start": served.session.start,
+                 "end": served.session.end,
+                 "next": None if served.next_hop is None else {"peer": served.next_hop[0],
+                                                                "session": _digest(served.next_hop[1])}}
+                for session_id, served in self.sessions.items()]
 
     def _new_session(self, message: dict, peer: str) -> Session:
         if self.state != NodeState.ONLINE:
@@ -685,6 +726,9 @@ class Node:
             queued = await self.scheduler.admit(session)
         except AdmissionError as e:
             raise RequestError("no_room", str(e)) from None
+        except BaseException:  # cancelled: the client's stream ended while the session queued
+            self.scheduler.close(session)
+            raise
         logger.info("opened session %s for %s: blocks %d:%d, %d x %d tokens, %s, queued %.2f s", session.id,
                     session.peer, session.start, session.end, len(session.seqs), session.max_length,
                     PRIORITIES[session.priority], queued)

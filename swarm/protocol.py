@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 PROTOCOL_VERSION = 1
-INFERENCE_HANDLER = "swarm.inference.v1"
+# client to node: one stream carries all of a client's sessions on a node. The client sends {"type": "open",
+# "request": n, ...} (answered by "opened" or "error" with that request number), "step" and "close" frames naming
+# their session; the node answers a forward's steps of that client's sessions with one {"type": "outputs",
+# "outputs": [{session, rows, pushed}, ...], "hidden": the rows of all of them, in order, "draining": bool}, and
+# errors with the session or request they concern. (v1 opened a stream per session and answered each step alone.)
+INFERENCE_HANDLER = "swarm.inference.v2"
 # node to node: the steps of sessions' chains, pushed by the previous node. A push frame carries every step one
 # forward of that node sends on: {"type": "steps", "steps": [{session, lengths, page_hashes, push}, ...], "hidden":
 # the rows of all of them, in order}, so the next node reads, decodes and checks one tensor per forward, not per
@@ -177,8 +182,9 @@ def unpack(frame: bytes) -> dict[str, Any]:
     return message
 
 
-def error_frame(code: str, message: str) -> bytes:
-    return pack("error", code=code, message=message)
+def error_frame(code: str, message: str, **ids: Any) -> bytes:
+    """ids: the session or open request that the error answers, on a stream that carries many."""
+    return pack("error", code=code, message=message, **ids)
 
 
 async def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:

@@ -104,7 +104,9 @@ def test_push_chain_generates_exactly_and_the_client_keeps_every_span_input(tiny
     assert torch.equal(pushed, compressed_carried) and torch.equal(pushed, compressed_pushed)
 
 
-def test_sessions_stepping_together_travel_in_shared_push_frames_and_decode_exactly(tiny_model, local_swarm):
+def test_sessions_stepping_together_travel_in_shared_frames_and_decode_exactly(tiny_model, local_swarm):
+    """A client's sessions that step together: their steps reach each node in shared push frames, and each node
+    answers them in shared output frames on the one stream the client keeps to it."""
     path = tiny_model("llama")
     nodes = local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--throughput", "100")
     local = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -141,9 +143,12 @@ def test_sessions_stepping_together_travel_in_shared_push_frames_and_decode_exac
         pushed = node_after.get("pushed_steps", 0) - node_before.get("pushed_steps", 0)
         frames = node_after.get("push_frames", 0) - node_before.get("push_frames", 0)
         assert pushed == steps and frames <= steps // 2, (pushed, frames)
+        outputs = node_after.get("outputs", 0) - node_before.get("outputs", 0)
+        frames = node_after.get("output_frames", 0) - node_before.get("output_frames", 0)
+        assert outputs == steps and frames <= steps // 2, (outputs, frames)
 
 
-def test_a_node_that_refuses_push_streams_gets_every_step_on_the_session_stream(tiny_model, local_swarm,
+def test_a_node_that_refuses_push_streams_gets_every_step_on_the_client_stream(tiny_model, local_swarm,
                                                                                  monkeypatch):
     """As a node of another protocol version does: the client carries its steps, and stops trying for a while."""
     path = tiny_model("llama")

@@ -190,7 +190,7 @@ def honest_generation(path, model):
 def check_reply(stream: FuzzedStream, frame) -> None:
     reply = stream.send(frame)
     if reply is not None:
-        assert reply["type"] in {"error", "output", "opened", "pong", "stats"}, reply
+        assert reply["type"] in {"error", "outputs", "opened", "pong", "stats"}, reply
         if reply["type"] == "error":
             assert reply["code"] and reply["message"], reply
             stream.errors += 1
@@ -223,14 +223,14 @@ push_frames = st.one_of(st.binary(max_size=300), push_messages().map(lambda m: (
 
 
 def test_malformed_push_frames_lose_nothing_and_the_node_keeps_serving(fuzz_target):
-    """Push frames (many sessions' steps in one) from a peer: the node answers each step it can place on that
-    session's stream, drops the rest, and an honest session beside it stays token-exact."""
+    """Push frames (many sessions' steps in one) from a peer: the node answers each step it can place on its
+    session's client stream, drops the rest, and an honest session beside it stays token-exact."""
     path, node, model, _ = fuzz_target
     session = FuzzedStream(model, node.peer_id)
     session.open()
     replies = []
 
-    async def drain() -> None:  # the session's stream gets an output or an error for every step pushed into it
+    async def drain() -> None:  # the session's client stream gets an output or an error for every step pushed into it
         while (frame := await read_frame(session.reader)) is not None:
             replies.append(protocol.unpack(frame))
 
@@ -268,7 +268,7 @@ def test_malformed_push_frames_lose_nothing_and_the_node_keeps_serving(fuzz_targ
     assert node.poll() is None, "the node crashed"
     assert torch.equal(result["tokens"], result["expected"])
     time.sleep(1)  # the last steps' replies
-    assert {r["type"] for r in replies} <= {"output", "error"} and all(
+    assert {r["type"] for r in replies} <= {"outputs", "error"} and all(
         r["code"] and r["message"] for r in replies if r["type"] == "error"), replies[:5]
     run_coroutine(close_streams())
 
@@ -286,7 +286,7 @@ def test_malformed_push_frames_lose_nothing_and_the_node_keeps_serving(fuzz_targ
     fresh = FuzzedStream(model, node.peer_id)  # a well-formed push after the storm is served
     fresh.open()
     reply = run_coroutine(push_one_step(fresh, torch.randn(2, HIDDEN)))
-    assert reply["type"] == "output" and protocol.decode_tensor(reply["hidden"]).shape == (2, HIDDEN), reply
+    assert reply["type"] == "outputs" and protocol.decode_tensor(reply["hidden"]).shape == (2, HIDDEN), reply
     tokens, expected = honest_generation(path, model)  # and after the storm
     assert torch.equal(tokens, expected)
 

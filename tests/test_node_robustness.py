@@ -55,27 +55,30 @@ def test_bad_input_gets_clear_errors_and_the_node_keeps_serving(llama_swarm):
             (pack("step", session=span.session_id, lengths=[2], hidden=encode_tensor(torch.randn(2, hidden_size + 1))),
              "bad_tensor", "shape"),
             (pack("step", session=span.session_id, lengths=[2], hidden=encode_tensor(good.half())), "bad_tensor", "float32"),
-            (pack("step", session="no-such-session", lengths=[2], hidden=encode_tensor(good)), "unknown_session", "unknown"),
             (pack("step", session=span.session_id, lengths=[9], hidden=encode_tensor(torch.randn(9, hidden_size))),
              "too_long", "max_length"),
             (pack("step", session=span.session_id, lengths=[2], hidden=encode_tensor(good * float("nan"))), "bad_tensor", "NaN"),
             (pack("step", session=span.session_id, lengths=[-1], hidden=encode_tensor(good)), "bad_request", "lengths"),
-            (b"\x93\xc1\xff garbage", "bad_frame", "msgpack"),
-            (pack("dance"), "bad_request", "unknown message type"),
         ]
         for frame, code, words in cases:
+            run_coroutine(span.link.send(frame))
             with pytest.raises(NodeError, match=words) as error:
-                run_coroutine(span._request(frame))
+                run_coroutine(span._reply(10))
             assert error.value.code == code
         # the session that received garbage is intact: a valid step still works at position 0
         out = run_coroutine(span.step(good, [2]))
         assert out.shape == (2, hidden_size) and torch.isfinite(out).all()
-        run_coroutine(span.close())
 
+        # on a stream of its own, frames that name no session get errors too, and the stream goes on
         replies = run_coroutine(raw_exchange(model.connection, first.peer_id, [
-            pack("open", max_length=10**9, batch_size=1), pack("open", max_length="long"),
-            pack("step", session="x", lengths=[1], hidden=encode_tensor(good[:1]))]))
-        assert [r["code"] for r in replies] == ["too_long", "bad_request", "unknown_session"]
+            pack("open", request=1, max_length=10**9, batch_size=1), pack("open", request=2, max_length="long"),
+            pack("step", session="x", lengths=[1], hidden=encode_tensor(good[:1])), b"\x93\xc1\xff garbage",
+            pack("dance"), pack("step", session=span.session_id, lengths=[1], hidden=encode_tensor(good[:1]))]))
+        assert [(r.get("request"), r.get("session"), r["code"]) for r in replies] == [
+            (1, None, "too_long"), (2, None, "bad_request"), (None, "x", "unknown_session"), (None, None, "bad_frame"),
+            (None, None, "bad_request"), (None, span.session_id, "unknown_session")]  # not this stream's session
+        assert "msgpack" in replies[3]["message"] and "unknown message type" in replies[4]["message"]
+        run_coroutine(span.close())
 
         # and the honest session goes on, exact
         generated = model.generate(generated, max_new_tokens=4, do_sample=False)
