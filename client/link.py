@@ -34,13 +34,14 @@ class NodeLink:
     def closed(self) -> bool:
         return self.error is not None
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, *frame: bytes | memoryview) -> None:
+        """Write a frame, whole or in parts (swarm.protocol.pack_rows)."""
         if self.error is not None:
             raise self.error
         try:
             if self.writer.is_closing():
                 raise ConnectionError("the stream is closed")
-            await write_frame(self.writer, frame)
+            await write_frame(self.writer, *frame)
         except (ConnectionError, OSError, RuntimeError) as e:  # RuntimeError: asyncio's "handler is closed"
             raise self.error or ConnectionError(f"the stream to node {self.label} broke: {e!r}") from e
 

@@ -20,7 +20,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from client.link import NodeLink
 from client.remote import SwarmConnection, run_coroutine
 from swarm import direct, protocol
-from swarm.protocol import ProtocolError, encode_tensor_async, pack
+from swarm.protocol import ProtocolError, pack_rows
 from swarm.push import Pusher
 from swarm.records import NodeState
 from swarm.routing import Hop, MissingBlocksError, RoutingError, plan_route
@@ -128,8 +128,9 @@ class SpanSession:
         if self.pusher is not None and await self.pusher.push(self.next_hop(page_hashes), hidden, lengths, push,
                                                               self.compress):
             return
-        await self.link.send(pack("step", session=self.session_id, lengths=lengths, page_hashes=page_hashes, push=push,
-                                  hidden=await encode_tensor_async(hidden.to(self.wire_dtype), self.compress)))
+        await self.link.send(*await pack_rows("step", [hidden.to(self.wire_dtype)], self.compress,
+                                              session=self.session_id, lengths=lengths, page_hashes=page_hashes,
+                                              push=push))
 
     async def receive(self, tokens: int) -> tuple[torch.Tensor, bool]:
         """The output of this span's next step of `tokens` rows, and whether the node pushed it on."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from node.scheduler import Session
-from swarm.protocol import encode_tensor_async, pack, write_frame
+from swarm.protocol import pack_rows, write_frame
 
 
 @dataclass(eq=False)
@@ -38,10 +38,11 @@ class ClientLink:
         self.closed = False
         self._outboxes: dict[bool, _Outputs] = {}  # by compressed
 
-    async def send(self, frame: bytes) -> None:
-        """Write a frame (an error, an answer); a client that went away is not this node's problem."""
+    async def send(self, *frame: bytes | memoryview) -> None:
+        """Write a frame (an error, an answer, outputs), whole or in parts; a client that went away is not this
+        node's problem."""
         with contextlib.suppress(ConnectionError):
-            await write_frame(self.writer, frame)
+            await write_frame(self.writer, *frame)
 
     async def send_output(self, session_id: str, out: torch.Tensor, pushed: bool, compress: bool,
                           draining: bool) -> None:
@@ -61,9 +62,8 @@ class ClientLink:
         outbox = self._outboxes.pop(compress)
         self.sent.update(output_frames=1, outputs=len(outbox.entries))
         try:
-            hidden = outbox.rows[0] if len(outbox.rows) == 1 else torch.cat(outbox.rows)
-            await self.send(pack("outputs", outputs=outbox.entries, draining=outbox.draining,
-                                 hidden=await encode_tensor_async(hidden, compress)))
+            await self.send(*await pack_rows("outputs", outbox.rows, compress, outputs=outbox.entries,
+                                             draining=outbox.draining))
         finally:
             outbox.written.set_result(None)
 

@@ -17,7 +17,7 @@ import torch
 from hivemind.p2p import P2P
 
 from swarm import direct, protocol, rpc
-from swarm.protocol import encode_tensor_async, pack, write_frame
+from swarm.protocol import pack_rows, write_frame
 from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Pusher:
         outbox = self._outboxes.pop(key)
         peer, _, compress = key
         try:
-            frame = pack("steps", steps=outbox.steps, hidden=await encode_tensor_async(torch.cat(outbox.rows), compress))
+            frame = await pack_rows("steps", outbox.rows, compress, steps=outbox.steps)
             if peer not in self._locks:
                 self._locks[peer] = asyncio.Lock()
             async with self._locks[peer]:  # one stream per peer, opened once
@@ -74,7 +74,7 @@ class Pusher:
                     _, self._writers[peer] = await asyncio.wait_for(
                         rpc.open_stream(self.p2p, peer, protocol.PUSH_HANDLER, self.swarm_key, direct=reachable),
                         OPEN_TIMEOUT)
-                await write_frame(self._writers[peer], frame)
+                await write_frame(self._writers[peer], *frame)
         except Exception as e:
             logger.info("could not push %d steps to %s (%s); not trying again for %.0f s", len(outbox.steps), peer[-8:],
                         e, RETRY_SECONDS)

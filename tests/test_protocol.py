@@ -103,3 +103,29 @@ def test_oversized_frame_is_refused_before_reading_it():
 
     with pytest.raises(ProtocolError, match="exceeds"):
         asyncio.run(read())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_frame_written_from_rows_reads_as_the_packed_message(dtype, compress):
+    rows = [torch.randn(n, 16).to(dtype) for n in (1, 3, 0, 2)]
+    fields = {"steps": [{"session": "a", "lengths": [1, 3, 0, 2]}], "draining": False}
+
+    async def written_and_read() -> bytes:
+        reader = asyncio.StreamReader()
+
+        class Writer:  # the two calls write_frame makes
+            def writelines(self, parts):
+                reader.feed_data(b"".join(parts))
+
+            async def drain(self):
+                pass
+
+        await protocol.write_frame(Writer(), *await protocol.pack_rows("steps", rows, compress, **fields))
+        return await protocol.read_frame(reader)
+
+    message = protocol.unpack(asyncio.run(written_and_read()))
+    expected = protocol.unpack(protocol.pack("steps", **fields, hidden=encode_tensor(torch.cat(rows), compress)))
+    assert message.keys() == expected.keys() and message["steps"] == expected["steps"]
+    assert message["type"] == "steps" and message["draining"] is False
+    assert torch.equal(decode_tensor(message["hidden"]).view(torch.uint8), torch.cat(rows).view(torch.uint8))
