@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=1, help="processes the concurrent sessions are "
                         "spread over (one client process of many users is bound by its own event loop)")
     parser.add_argument("--kv-cache-gb", type=float, default=4.0, help="per node")
+    parser.add_argument("--node-max-batch-size", type=int, help="the nodes' --max-batch-size (default: theirs)")
     args = parser.parse_args()
 
     from client import DistributedModelForCausalLM
@@ -256,7 +257,9 @@ def main() -> None:
             swarm.start_bootstrap()
             swarm.start_nodes(model_path, split_blocks(args.layers, args.nodes), "--device", "cuda", "--dtype",
                               "bfloat16", "--kv-cache-gb", str(args.kv_cache_gb), "--throughput", "100",
-                              "--max-sessions-per-peer", "1024", "--max-requests-per-peer", "1000000", timeout=600)
+                              "--max-sessions-per-peer", "1024", "--max-requests-per-peer", "1000000",
+                              *(["--max-batch-size", str(args.node_max_batch_size)] if args.node_max_batch_size else []),
+                              timeout=600)
             with DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers,
                                                              dtype=torch.bfloat16, device="cuda") as model:
                 for context in args.contexts:
@@ -275,6 +278,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
         "nodes": args.nodes, "client_processes": args.client_processes, "dtype": "bfloat16", "new_tokens": args.new_tokens,
+        "node_max_batch_size": args.node_max_batch_size,
         "per_token_ms": {"swarm": {c: round(v, 3) for c, v in swarm_ms.items()},
                          "local_generate": {c: round(v, 3) for c, v in local_ms.items()},
                          "local_generate_without_cudnn_sdpa": {c: round(v, 3) for c, v in local_no_cudnn_ms.items()}},
