@@ -1,5 +1,6 @@
 """Many concurrent sessions through a real 2-node swarm: batching, oversubscription and prefix sharing stay exact."""
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,7 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
 from client.remote import run_coroutine
+from client.session import SpanSession
 from conftest import assert_same_tokens
+from swarm.routing import Hop
 
 PAGE_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # K and V x 2 layers x 16 tokens x 2 kv heads x head dim 16 x fp32
 
@@ -103,3 +106,32 @@ def test_eight_sessions_with_a_common_prefix_share_its_pages(tiny_model, local_s
         assert node["pages_used"] == prefix_pages + private < len(prompts) * prefix_pages
         assert node["pages_shared"] == prefix_pages
         assert node["prefix_pages_attached"] == (len(prompts) - 1) * prefix_pages
+
+
+def test_an_open_queued_for_cache_room_holds_up_no_other_session_on_the_clients_stream(tiny_model, local_swarm):
+    path = tiny_model("llama")
+    # a pool of 4 pages of 4 blocks; a 64-token session declares all of them, and admission does not overcommit
+    local_swarm.start_nodes(path, [(0, 4)], "--kv-cache-gb", str(4.5 * 2 * PAGE_BYTES / 2**30), "--kv-overcommit", "1",
+                            "--model-name", "small-pool-llama")
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="small-pool-llama") as model:
+        [record] = run_coroutine(model.connection.records(model.swarm_model_name))
+        hidden_size = model.config.hidden_size
+
+        async def open_span() -> SpanSession:
+            return await SpanSession.open(model.connection, Hop(record, 0, 4), max_length=64, batch_size=1)
+
+        async def scenario() -> None:
+            first = await open_span()
+            first.pusher = None  # its steps travel on the stream that carries the queued open
+            second = asyncio.create_task(open_span())
+            for n in (5, 1, 1):
+                assert (await first.step(torch.randn(n, hidden_size), [n])).shape == (n, hidden_size)
+            assert not second.done()  # still waiting for room
+            await first.close()
+            second = await asyncio.wait_for(second, 30)
+            assert second.link is first.link and second.queued_s > 0
+            assert (await second.step(torch.randn(3, hidden_size), [3])).shape == (3, hidden_size)
+            await second.close()
+
+        run_coroutine(scenario())
