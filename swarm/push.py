@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 from hivemind.p2p import P2P
@@ -19,6 +18,7 @@ from hivemind.p2p import P2P
 from swarm import direct, protocol, rpc
 from swarm.protocol import pack_rows, write_frame
 from swarm.swarm_key import SwarmKey
+from swarm.turns import TurnBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,6 @@ OPEN_TIMEOUT = 5.0  # seconds to open a push stream
 RETRY_SECONDS = 10.0
 
 
-@dataclass(eq=False)
-class _Outbox:
-    sent: asyncio.Future  # True once written to the node, False if that failed
-    steps: list[dict] = field(default_factory=list)
-    rows: list[torch.Tensor] = field(default_factory=list)
-
-
 class Pusher:
     """One push stream per node, opened on first use and reopened RETRY_SECONDS after a failure."""
 
@@ -42,7 +35,7 @@ class Pusher:
         self.p2p, self.swarm_key = p2p, swarm_key
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._outboxes: dict[tuple[str, str, bool], _Outbox] = {}  # by (peer, dtype, compressed)
+        self._frames = TurnBatcher(self._send)  # by (peer, dtype, compressed, reachable directly)
         self._failed: dict[str, float] = {}  # peer -> when its last push failed
 
     async def push(self, hop: dict, rows: torch.Tensor, lengths: list[int], rest: list[dict] | None,
@@ -51,22 +44,16 @@ class Pusher:
         output the node pushes on along rest. False if it could not be sent."""
         if time.monotonic() - self._failed.get(hop["peer"], -RETRY_SECONDS) < RETRY_SECONDS:
             return False
-        key = (hop["peer"], hop["dtype"], compress)
-        outbox = self._outboxes.get(key)
-        if outbox is None:
-            outbox = self._outboxes[key] = _Outbox(asyncio.get_running_loop().create_future())
-            asyncio.create_task(self._send(key, direct.reachable(hop.get("host"))))
-        outbox.steps.append({"session": hop["session"], "lengths": lengths, "page_hashes": hop.get("page_hashes"),
-                             "push": rest or None})
-        outbox.rows.append(rows.to(protocol.DTYPES[hop["dtype"]]))
-        return await outbox.sent
+        step = {"session": hop["session"], "lengths": lengths, "page_hashes": hop.get("page_hashes"),
+                "push": rest or None}
+        return await self._frames.put((hop["peer"], hop["dtype"], compress, direct.reachable(hop.get("host"))),
+                                      (step, rows.to(protocol.DTYPES[hop["dtype"]])))
 
-    async def _send(self, key: tuple[str, str, bool], reachable: bool) -> None:
-        """Runs a turn after the outbox opened, when every step that ended in that turn has put its rows in."""
-        outbox = self._outboxes.pop(key)
-        peer, _, compress = key
+    async def _send(self, key: tuple[str, str, bool, bool], steps: list[tuple[dict, torch.Tensor]]) -> bool:
+        """Write one frame of the steps for a node; False if that failed."""
+        peer, _, compress, reachable = key
         try:
-            frame = await pack_rows("steps", outbox.rows, compress, steps=outbox.steps)
+            frame = await pack_rows("steps", [rows for _, rows in steps], compress, steps=[step for step, _ in steps])
             if peer not in self._locks:
                 self._locks[peer] = asyncio.Lock()
             async with self._locks[peer]:  # one stream per peer, opened once
@@ -76,15 +63,14 @@ class Pusher:
                         OPEN_TIMEOUT)
                 await write_frame(self._writers[peer], *frame)
         except Exception as e:
-            logger.info("could not push %d steps to %s (%s); not trying again for %.0f s", len(outbox.steps), peer[-8:],
-                        e, RETRY_SECONDS)
+            logger.info("could not push %d steps to %s (%s); not trying again for %.0f s", len(steps), peer[-8:], e,
+                        RETRY_SECONDS)
             self._failed[peer] = time.monotonic()
             writer = self._writers.pop(peer, None)
             if writer is not None:
                 writer.close()
-            outbox.sent.set_result(False)
-        else:
-            outbox.sent.set_result(True)
+            return False
+        return True
 
     def close(self) -> None:
         for writer in self._writers.values():
