@@ -21,6 +21,7 @@ GAUGES = {  # scheduler figure -> (metric name, help)
     "pages_free": ("swarm_node_kv_pages_free", "KV cache pages free"),
     "pages_shared": ("swarm_node_kv_pages_shared", "KV cache pages shared between sessions by prefix"),
     "tokens_held": ("swarm_node_kv_tokens", "tokens whose keys and values the cache holds"),
+    "busy": ("swarm_node_busy", "share of recent time spent in forward passes (moving average over ~0.5 s)"),
 }
 COUNTERS = {
     "batched_tokens": ("swarm_node_tokens", "tokens computed by the span"),
