@@ -109,7 +109,7 @@ def test_preempted_sessions_resume_with_unchanged_outputs(model, swap):
 
 def test_a_node_with_time_to_spare_halves_batches_until_forwards_fill_its_time(model, monkeypatch):
     """8 sessions step together. While the node idles between their steps, it computes each step in two forwards
-    of 4 (the first half's outputs could travel on meanwhile); once forwards (slowed to 40 ms, a busy device) take
+    of 4 (the first half's outputs could travel on meanwhile); once forwards (slowed to 0.1 s, a busy device) take
     nearly all its time, in one forward of 8. Outputs match the model throughout."""
     span, reference = model
     ids, expected = prompts(reference, [36] * 8, seed=9)
@@ -124,7 +124,7 @@ def test_a_node_with_time_to_spare_halves_batches_until_forwards_fill_its_time(m
         for i, (a, b) in enumerate([(0, 4)] + [(t, t + 1) for t in range(4, 36)]):  # a prefill, 32 decode steps
             if i == 16:  # from here on the device is busy: forwards fill the node's time
                 original = span.forward
-                monkeypatch.setattr(span, "forward", lambda *args: (time.sleep(0.04), original(*args))[1])
+                monkeypatch.setattr(span, "forward", lambda *args: (time.sleep(0.1), original(*args))[1])
             before = scheduler.counters["forwards"]
             rows = await asyncio.gather(*(scheduler.submit(s, inp[a:b], [b - a], page_keys(x, a, b))
                                           for s, x, (inp, _) in zip(sessions, ids, expected)))
@@ -132,7 +132,7 @@ def test_a_node_with_time_to_spare_halves_batches_until_forwards_fill_its_time(m
             for out, r in zip(outputs, rows):
                 out.append(r)
             if i < 16:
-                await asyncio.sleep(0.05)  # the rest of the chain works; this node idles
+                await asyncio.sleep(0.2)  # the rest of the chain works; this node idles
         return [torch.cat(out) for out in outputs]
 
     (outputs,) = run(scheduler, lockstep())
