@@ -39,7 +39,7 @@ PRIORITIES = ("interactive", "batch")  # a session's priority class, most urgent
 # half computes, and the stages work at once. Another forward reads the weights again, so a node halves its
 # batches only while forwards take under SPLIT_BELOW of its time, and stops above SPLIT_UNTIL (splitting itself
 # raises that share; the gap keeps the node from flapping). On an H200, 64 sessions of one client through 2 nodes
-# of an 8B-shaped model decoded 3,130 tokens/s this way, 2,894 in whole batches of 64 (scripts/bench/gpu.py).
+# of an 8B-shaped model decoded 3,244 tokens/s this way, 2,894 in whole batches of 64 (scripts/bench/gpu.py).
 SPLIT_BELOW, SPLIT_UNTIL = 0.5, 0.8
 BUSY_SECONDS = 0.5  # time constant of the moving average of the share of time spent in forwards
 
