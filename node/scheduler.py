@@ -37,10 +37,10 @@ PRIORITIES = ("interactive", "batch")  # a session's priority class, most urgent
 # through every stage of their chains together: each stage waits while the others work, and a round lasts the
 # sum of all stages' host and device time. Cut into halves, the first half's outputs travel on while the second
 # half computes, and the stages work at once. Another forward reads the weights again, so a node halves its
-# batches only while forwards take under SPLIT_BELOW of its time, and stops above SPLIT_UNTIL (splitting itself
+# batches only while forwards take under HALVE_BELOW of its time, and stops above HALVE_UNTIL (halving itself
 # raises that share; the gap keeps the node from flapping). On an H200, 64 sessions of one client through 2 nodes
 # of an 8B-shaped model decoded 3,244 tokens/s this way, 2,894 in whole batches of 64 (scripts/bench/gpu.py).
-SPLIT_BELOW, SPLIT_UNTIL = 0.5, 0.8
+HALVE_BELOW, HALVE_UNTIL = 0.5, 0.8
 BUSY_SECONDS = 0.5  # time constant of the moving average of the share of time spent in forwards
 
 
@@ -151,7 +151,7 @@ class Scheduler:
         self._running: set[Session] = set()
         self._wake = asyncio.Event()
         self.busy = 0.0  # moving average of the share of time spent in forwards
-        self.splitting = False  # halving batches (see SPLIT_BELOW)
+        self._halving = False  # capping forwards at half of max_batch_size (see HALVE_BELOW)
         self._last_forward_end = time.perf_counter()
 
     # ----- admission -----
@@ -288,7 +288,7 @@ class Scheduler:
         weight = 1 - math.exp(-interval / BUSY_SECONDS)
         self.busy += weight * ((end - began) / interval - self.busy)
         self._last_forward_end = end
-        self.splitting = self.busy < (SPLIT_UNTIL if self.splitting else SPLIT_BELOW)
+        self._halving = self.busy < (HALVE_UNTIL if self._halving else HALVE_BELOW)
 
     async def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
         """The forward runs on the event loop: a CPU node needs the loop's cores for it anyway, and a GPU node
@@ -313,7 +313,7 @@ class Scheduler:
         ready.sort(key=lambda item: (item[1].pending > 1, item[0].rank))
         chunks: list[Chunk] = []
         budget = self.max_batch_tokens
-        size = max(self.max_batch_size // 2, 1) if self.splitting else self.max_batch_size
+        size = max(self.max_batch_size // 2, 1) if self._halving else self.max_batch_size
         computing: set[Hashable] = set()  # prefix keys of pages computed in this iteration
         for session, seq in ready:
             if len(chunks) == size or budget == 0:
