@@ -179,10 +179,13 @@ async def pack_rows(message_type: str, rows: Sequence[torch.Tensor], compress: b
     64-session step three copies of its hidden states (cat, tobytes, msgpack) and their fresh pages' faults."""
     if compress:
         return [pack(message_type, **fields, hidden=await encode_tensor_async(torch.cat(rows), compress))]
-    rows = [row.detach().contiguous().cpu() for row in rows]
+    # checked before converting: packing took ~5 µs a row on an H200 host (py-spy, 64 sessions), 40% of it in
+    # conversions that change nothing (on a 2-core machine, 3.3 µs a row with them, 2.0 without)
+    rows = [row if row.is_cpu and row.is_contiguous() and not row.requires_grad else row.detach().contiguous().cpu()
+            for row in rows]
     if rows[0].dtype not in DTYPE_NAMES:
         raise ProtocolError(f"unsupported tensor dtype {rows[0].dtype}")
-    data = [memoryview(row.reshape(-1).view(torch.uint8).numpy()) for row in rows if row.numel()]
+    data = [memoryview(row.view(torch.uint8).numpy()).cast("B") for row in rows if row.numel()]
     shape = [sum(row.shape[0] for row in rows), *rows[0].shape[1:]]
     # msgpack of {"v", "type", **fields, "hidden": {"dtype", "shape", "data"}}, whose last value, data, is a bin
     # of the rows' bytes: its header here, the bytes after it
