@@ -1,7 +1,6 @@
 """The node's scheduler in process, against the full transformers model: batching, admission, preemption, sharing."""
 
 import asyncio
-import time
 import uuid
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import reference_hidden_states
+from node import scheduler as scheduler_module
 from node.kv_cache import PagePool
 from node.scheduler import AdmissionError, Scheduler, Sequence, Session
 from node.span import Span
@@ -107,11 +107,34 @@ def test_preempted_sessions_resume_with_unchanged_outputs(model, swap):
     assert scheduler.pool.free_pages == 14 and scheduler.swap_used == 0
 
 
+class SimulatedClock:
+    """The scheduler's time: a forward takes `forward_seconds`, idle time passes when the test says so."""
+
+    def __init__(self):
+        self.now, self.forward_seconds = 0.0, 0.01
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 def test_a_node_with_time_to_spare_halves_batches_until_forwards_fill_its_time(model, monkeypatch):
-    """8 sessions step together. While the node idles between their steps, it computes each step in two forwards
-    of 4 (the first half's outputs could travel on meanwhile); once forwards (slowed to 0.1 s, a busy device) take
-    nearly all its time, in one forward of 8. Outputs match the model throughout."""
+    """8 sessions step together. While the node idles between their steps (0.2 s, forwards of 10 ms), it computes
+    each step in two forwards of 4 (the first half's outputs could travel on meanwhile); once forwards (now 0.1 s,
+    a busy device) take all its time, in one forward of 8. Outputs match the model throughout. The node's time is
+    simulated, so that the test does not depend on how fast this machine runs the forwards."""
     span, reference = model
+    clock = SimulatedClock()
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    original = span.forward
+
+    def timed_forward(*args):
+        clock.now += clock.forward_seconds
+        return original(*args)
+
+    monkeypatch.setattr(span, "forward", timed_forward)
     ids, expected = prompts(reference, [36] * 8, seed=9)
     scheduler = make_scheduler(span, num_pages=128)
     sessions = [new_session(36) for _ in ids]
@@ -123,8 +146,7 @@ def test_a_node_with_time_to_spare_halves_batches_until_forwards_fill_its_time(m
         outputs = [[] for _ in sessions]
         for i, (a, b) in enumerate([(0, 4)] + [(t, t + 1) for t in range(4, 36)]):  # a prefill, 32 decode steps
             if i == 16:  # from here on the device is busy: forwards fill the node's time
-                original = span.forward
-                monkeypatch.setattr(span, "forward", lambda *args: (time.sleep(0.1), original(*args))[1])
+                clock.forward_seconds = 0.1
             before = scheduler.counters["forwards"]
             rows = await asyncio.gather(*(scheduler.submit(s, inp[a:b], [b - a], page_keys(x, a, b))
                                           for s, x, (inp, _) in zip(sessions, ids, expected)))
@@ -132,12 +154,12 @@ def test_a_node_with_time_to_spare_halves_batches_until_forwards_fill_its_time(m
             for out, r in zip(outputs, rows):
                 out.append(r)
             if i < 16:
-                await asyncio.sleep(0.2)  # the rest of the chain works; this node idles
+                clock.now += 0.2  # the rest of the chain works; this node idles
         return [torch.cat(out) for out in outputs]
 
     (outputs,) = run(scheduler, lockstep())
     assert_matches(outputs, expected)
-    idle, busy = forwards_per_round[2:16], forwards_per_round[-6:]
+    idle, busy = forwards_per_round[1:16], forwards_per_round[-6:]
     assert idle == [2] * len(idle), forwards_per_round
     assert busy == [1] * len(busy), forwards_per_round
 
