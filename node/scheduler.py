@@ -308,41 +308,52 @@ class Scheduler:
         # One forward runs one range of blocks: the range of the oldest step, so no range starves.
         oldest, _ = min(ready, key=lambda item: item[0].step.arrived)
         ready = [(s, seq) for s, seq in ready if (s.start, s.end) == (oldest.start, oldest.end)]
-        # decodes first; then by seniority (priority class, then admission), so that when more steps are ready than
-        # a forward takes, the senior ones, which may preempt the others for pages, are among those taken
-        ready.sort(key=lambda item: (item[1].pending > 1, item[0].rank))
+        # decodes first; then by priority class and arrival, so that when more steps are ready than a forward takes,
+        # the oldest go first and none starves
+        ready.sort(key=lambda item: (item[1].pending > 1, item[0].priority, item[0].step.arrived))
         chunks: list[Chunk] = []
         budget = self.max_batch_tokens
         size = max(self.max_batch_size // 2, 1) if self._halving else self.max_batch_size
         computing: set[Hashable] = set()  # prefix keys of pages computed in this iteration
+        preempted: set[Session] = set()
         for session, seq in ready:
             if len(chunks) == size or budget == 0:
                 break
+            if session in preempted:
+                continue
             if seq.swapped is None:
                 self._attach_shared_pages(session, seq)
             if seq.pending == 0:
                 self._finish_if_done(session)
                 continue
-            length = self._chunk_length(session, seq, budget, computing)
+            length, keys = self._chunk_length(session, seq, budget, computing)
             if length == 0:
                 continue  # another sequence computes its next page right now; attach it next iteration
-            chunks.append(Chunk(session, seq, seq.cache.length, length))
-            budget -= length
-        return self._place(chunks)
+            chunk = Chunk(session, seq, seq.cache.length, length)
+            # a step that gets no pages waits for a senior session to finish or step; the steps behind it, which
+            # may be those senior ones, still get their turn in this forward
+            if self._place(chunk, chunks, preempted):
+                chunks.append(chunk)
+                computing.update(keys)
+                budget -= length
+        return chunks
 
-    def _chunk_length(self, session: Session, seq: Sequence, budget: int, computing: set[Hashable]) -> int:
+    def _chunk_length(self, session: Session, seq: Sequence, budget: int,
+                      computing: set[Hashable]) -> tuple[int, list[Hashable]]:
+        """The rows of the sequence this iteration computes, and the prefix keys of the full pages among them."""
         page_size, start = self.pool.page_size, seq.cache.length
         length = min(seq.pending, budget)
         if length < seq.pending and (start + length) // page_size * page_size > start:
             length = (start + length) // page_size * page_size - start  # end chunks on a page boundary
+        keys = []
         for index in self.pool.full_pages(start, start + length):
             key = self._page_key(session, seq, index)
             if key is None:
                 break
             if key in computing:
-                return max(index * page_size - start, 0)
-            computing.add(key)
-        return length
+                return max(index * page_size - start, 0), keys
+            keys.append(key)
+        return length, keys
 
     def _page_key(self, session: Session, seq: Sequence, index: int) -> Hashable | None:
         if seq.page_keys is None or index >= len(seq.page_keys):
@@ -365,27 +376,19 @@ class Scheduler:
             self._emit(session, seq, index * page_size, shared.outputs)
             self.counters["prefix_pages_attached"] += 1
 
-    def _place(self, chunks: list[Chunk]) -> list[Chunk]:
-        """Give every chunk its pages, most senior session first, preempting juniors where the pool is dry."""
-        placed: list[Chunk] = []
-        preempted: set[Session] = set()
-        for chunk in sorted(chunks, key=lambda c: c.session.rank):
-            if chunk.session in preempted:
-                continue
-            seq, end = chunk.seq, chunk.position + chunk.length
-            while not self.pool.can_reserve(seq.cache, end):
-                victim = self._pick_victim(chunk.session, {c.session for c in placed})
-                if victim is None:
-                    break
-                self._preempt(victim)
-                preempted.add(victim)
-            if not self.pool.can_reserve(seq.cache, end):
-                continue  # waits for a senior session to finish or step
-            self.pool.reserve(seq.cache, end)
-            if seq.swapped is not None:
-                self._swap_in(seq)
-            placed.append(chunk)
-        return placed
+    def _place(self, chunk: Chunk, placed: list[Chunk], preempted: set[Session]) -> bool:
+        """Reserve the chunk's pages, preempting juniors that are not in this forward where the pool is dry."""
+        seq, end = chunk.seq, chunk.position + chunk.length
+        while not self.pool.can_reserve(seq.cache, end):
+            victim = self._pick_victim(chunk.session, {c.session for c in placed})
+            if victim is None:
+                return False
+            self._preempt(victim)
+            preempted.add(victim)
+        self.pool.reserve(seq.cache, end)
+        if seq.swapped is not None:
+            self._swap_in(seq)
+        return True
 
     def _pick_victim(self, requester: Session, protected: set[Session]) -> Session | None:
         """The most junior resident session below the requester; else the most junior idle one of its priority
