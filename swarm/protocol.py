@@ -42,7 +42,7 @@ INFERENCE_HANDLER = "swarm.inference.v2"
 # then carries the outputs itself.)
 PUSH_HANDLER = "swarm.push.v2"
 MAX_FRAME_BYTES = 256 * 1024 * 1024
-_LENGTH = struct.Struct(">I")
+FRAME_HEADER = struct.Struct(">I")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -221,7 +221,7 @@ def error_frame(code: str, message: str, **ids: Any) -> bytes:
 async def write_frame(writer: asyncio.StreamWriter, *parts: bytes | memoryview) -> None:
     """Write a frame, given whole or in parts (pack_rows)."""
     # writelines: one send (writev) through the socket to p2pd, without copying the frame behind its header
-    writer.writelines((_LENGTH.pack(sum(part.nbytes if isinstance(part, memoryview) else len(part)
+    writer.writelines((FRAME_HEADER.pack(sum(part.nbytes if isinstance(part, memoryview) else len(part)
                                         for part in parts)), *parts))
     await writer.drain()
 
@@ -229,12 +229,12 @@ async def write_frame(writer: asyncio.StreamWriter, *parts: bytes | memoryview) 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:
     """Read one frame; None on a clean end of stream. Refuses frames over max_bytes before reading them."""
     try:
-        header = await reader.readexactly(_LENGTH.size)
+        header = await reader.readexactly(FRAME_HEADER.size)
     except asyncio.IncompleteReadError as e:
         if e.partial:
             raise ProtocolError("stream ended inside a frame header") from None
         return None
-    (length,) = _LENGTH.unpack(header)
+    (length,) = FRAME_HEADER.unpack(header)
     if length > max_bytes:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes} bytes")
     try:
