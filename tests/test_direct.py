@@ -160,3 +160,44 @@ def test_a_starting_node_removes_the_socket_directories_of_killed_nodes():
                 shutil.rmtree(path, ignore_errors=True)
 
     asyncio.run(check())
+
+
+def test_a_direct_stream_carries_frames_whole_and_in_order_and_ends_cleanly():
+    """Frames of 0 bytes to 5 MB arrive whole and in order, also when they pile up before the reader takes them
+    (the stream then stops reading until they are taken); a stream that ends between frames reads as ended,
+    inside a frame as an error, and a frame over MAX_FRAME_BYTES is refused."""
+    sizes = [0, 1, 4, 300_000, 5 * 2**20, 17, 2**20 + 3]
+
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX)
+        _, reader = await loop.create_unix_connection(direct.FrameStream, sock=ours)
+        _, writer = await loop.create_unix_connection(direct.FrameStream, sock=theirs)
+        frames = [os.urandom(n) for n in sizes]
+
+        async def write_all() -> None:
+            for frame in frames:
+                await write_frame(writer, frame)
+            writer.close()
+
+        writing = asyncio.create_task(write_all())
+        await asyncio.sleep(0.2)  # the frames pile up
+        assert [bytes(await read_frame(reader)) for _ in frames] == frames
+        await writing
+        assert await read_frame(reader) is None
+
+        for raw, error in ((protocol.FRAME_HEADER.pack(100) + b"x" * 10, "ended inside a frame"),
+                           (protocol.FRAME_HEADER.pack(protocol.MAX_FRAME_BYTES + 1), "exceeds the limit")):
+            ours, theirs = socket.socketpair(socket.AF_UNIX)
+            _, reader = await loop.create_unix_connection(direct.FrameStream, sock=ours)
+            theirs.sendall(raw)
+            theirs.close()
+            with pytest.raises(protocol.ProtocolError, match=error):
+                await read_frame(reader)
+            reader.close()
+
+    async def within_a_minute() -> None:
+        async with asyncio.timeout(60):
+            await check()
+
+    asyncio.run(within_a_minute())
