@@ -77,7 +77,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._header = bytearray(FRAME_HEADER.size)
         self._body: memoryview | None = None  # the frame being received, once its header is in
         self._filled = 0  # bytes of the header or body received so far
-        self._chunks: deque[bytearray | memoryview] = deque()  # each frame's header and body, received and not yet read
+        self._chunks: deque[bytearray | memoryview] = deque()  # frames' headers and bodies, received, not yet read
         self._queued = 0
         self._reading_paused = False
         self._lost = False
@@ -105,9 +105,8 @@ class FrameStream(asyncio.BufferedProtocol):
             if length > MAX_FRAME_BYTES:  # read_frame refuses it; take nothing more from this peer
                 self._transport.close()
                 return
-            # uninitialized: a zeroed bytearray of the size cost ~150 µs more, its pages being written twice
             self._header, self._filled = bytearray(FRAME_HEADER.size), 0
-            self._body = memoryview(numpy.empty(length, numpy.uint8))
+            self._body = memoryview(numpy.empty(length, numpy.uint8))  # uninitialized (see the class docstring)
         if self._filled == len(self._body):
             self._queue(self._body)
             self._body, self._filled = None, 0
@@ -144,7 +143,7 @@ class FrameStream(asyncio.BufferedProtocol):
                 raise asyncio.IncompleteReadError(partial, n)
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        if len(self._chunks[0]) == n:
+        if self._chunks and len(self._chunks[0]) == n:
             data = self._chunks.popleft()
         else:  # not a whole header or body, as read_frame reads: join and split chunks
             data = bytearray()
