@@ -220,12 +220,13 @@ async def write_frame(writer: asyncio.StreamWriter, *parts: bytes | memoryview) 
     """Write a frame, given whole or in parts (pack_rows)."""
     # writelines: one send (writev) through the socket to p2pd, without copying the frame behind its header
     writer.writelines((FRAME_HEADER.pack(sum(part.nbytes if isinstance(part, memoryview) else len(part)
-                                        for part in parts)), *parts))
+                                             for part in parts)), *parts))
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:
-    """Read one frame; None on a clean end of stream. Refuses frames over max_bytes before reading them."""
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> bytes | memoryview | None:
+    """Read one frame; None on a clean end of stream. Refuses frames over max_bytes before reading them. The reader
+    is a libp2p stream's StreamReader, or a direct stream (swarm/direct.py), which hands out frames in place."""
     try:
         header = await reader.readexactly(FRAME_HEADER.size)
     except asyncio.IncompleteReadError as e:
