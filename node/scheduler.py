@@ -1,8 +1,8 @@
 """The node's step scheduler: continuous batching over one page pool, with admission and preemption.
 
 A session's step appends input rows to its sequences; each iteration packs pending rows of many sessions
-into one forward through the span: decodes (one pending token) first, then prefill chunks under a token
-budget, so a long prompt never stalls other sessions' decodes.
+into one forward through the span: decodes (one pending token) first, then prefill chunks, each in arrival
+order, under a token budget, so a long prompt never stalls other sessions' decodes.
 
 Sessions are admitted while their declared pages fit the pool times an overcommit factor, else they queue.
 Pages are taken as tokens arrive; when the pool runs dry, the most junior session (lowest priority, then
