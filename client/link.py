@@ -12,19 +12,38 @@ import contextlib
 import itertools
 import logging
 
+import torch
+
 from swarm import protocol
 from swarm.protocol import ProtocolError, decode_tensor_async, pack, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 
 
+class Inbox(asyncio.Queue):
+    """A session's replies from one node, in order: (reply, rows) for an output, the reply alone for an error, or the
+    ConnectionError that ended the stream.
+
+    Every reply but an output that the node pushed on to the next node of the chain also sets ``alarm``, which the
+    inboxes of one chain share: a step waits on it for its last output or for a reply it must act on, while the
+    outputs it only keeps for replay come in without waking it (client/session.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alarm = asyncio.Event()
+
+    def put_nowait(self, reply: tuple[dict, torch.Tensor] | dict | ConnectionError) -> None:
+        super().put_nowait(reply)
+        if not (isinstance(reply, tuple) and reply[0].get("pushed")):
+            self.alarm.set()
+
+
 class NodeLink:
-    """An open stream to one node. Sessions take their replies from their inbox: (reply, rows) for an output, the
-    reply alone for an error, or the ConnectionError that ended the stream."""
+    """An open stream to one node. Sessions take their replies from their inbox (Inbox)."""
 
     def __init__(self, label: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.label, self.writer = label, writer
-        self.inboxes: dict[str, asyncio.Queue] = {}  # by session id
+        self.inboxes: dict[str, Inbox] = {}  # by session id
         self.error: ConnectionError | None = None  # why the stream ended
         self._requests: dict[int, asyncio.Future] = {}  # opens waiting for their answer
         self._numbers = itertools.count()
@@ -95,7 +114,7 @@ class NodeLink:
             answer = self._requests.get(message["request"])
             if answer is not None and not answer.done():
                 if message["type"] == "opened":
-                    self.inboxes[message["session"]] = asyncio.Queue()
+                    self.inboxes[message["session"]] = Inbox()
                 answer.set_result(message)
             elif message["type"] == "opened":  # its open timed out here: end it there
                 await self.send(pack("close", session=message["session"]))

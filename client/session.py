@@ -17,7 +17,7 @@ from collections.abc import Collection
 import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
-from client.link import NodeLink
+from client.link import Inbox, NodeLink
 from client.remote import SwarmConnection, run_coroutine
 from swarm import direct, protocol
 from swarm.protocol import ProtocolError, pack_rows
@@ -65,7 +65,7 @@ class SpanSession:
         self.hop, self.link = hop, link
         self.step_timeout, self.compress = step_timeout, compress
         self.session_id: str | None = None
-        self.inbox: asyncio.Queue | None = None  # the node's replies to this session's steps
+        self.inbox: Inbox | None = None  # the node's replies to this session's steps
         self.queued_s = 0.0  # how long the node kept the session waiting for KV cache room
         self.wire_dtype = protocol.DTYPES[hop.node.dtype]
         self.draining = False  # the node said it is leaving
@@ -76,8 +76,10 @@ class SpanSession:
 
     @classmethod
     async def open(cls, connection: SwarmConnection, hop: Hop, max_length: int, batch_size: int,
-                   priority: str = "interactive", step_timeout: float = 10.0, compress: bool = False) -> SpanSession:
-        """compress: the session's tensors travel compressed, also those the node replies and pushes."""
+                   priority: str = "interactive", step_timeout: float = 10.0, compress: bool = False,
+                   alarm: asyncio.Event | None = None) -> SpanSession:
+        """compress: the session's tensors travel compressed, also those the node replies and pushes. alarm: the
+        event the inboxes of the session's chain share (client.link.Inbox)."""
         link = await connection.link(hop.node.peer_id, hop.node.label, direct.reachable(hop.node.host), step_timeout)
         span = cls(hop, link, step_timeout, compress)
         span.pusher = connection.pusher
@@ -87,6 +89,8 @@ class SpanSession:
         span._check(reply)
         span.session_id, span.queued_s = reply["session"], reply.get("queued_s", 0.0)
         span.inbox = link.inboxes[span.session_id]
+        if alarm is not None:
+            span.inbox.alarm = alarm
         if span.queued_s > 1:
             logger.info("node %s queued the session %.1f s for KV cache room", hop.node.label, span.queued_s)
         return span
@@ -132,9 +136,10 @@ class SpanSession:
                                               session=self.session_id, lengths=lengths, page_hashes=page_hashes,
                                               push=push))
 
-    async def receive(self, tokens: int) -> tuple[torch.Tensor, bool]:
-        """The output of this span's next step of `tokens` rows, and whether the node pushed it on."""
-        reply, rows = await self._reply(self.timeout(tokens))
+    async def receive(self, tokens: int, timeout: float | None = None) -> tuple[torch.Tensor, bool]:
+        """The output of this span's next step of `tokens` rows, and whether the node pushed it on; timeout: how long
+        to wait for it, self.timeout(tokens) by default."""
+        reply, rows = await self._reply(self.timeout(tokens) if timeout is None else timeout)
         if rows is None:
             raise ProtocolError(f"node {self.hop.node.label} answered a step with {reply.get('type')!r}")
         return rows, reply.get("pushed", False)
@@ -182,6 +187,7 @@ class InferenceSession:
         self.tokens: list[list[int]] | None = [[] for _ in range(batch_size)]
         self.page_chains: dict[int, list[list[bytes]]] = {}
         self.spans: list[SpanSession] = []
+        self.alarm = asyncio.Event()  # set by the chain's replies that a step must act on (client.link.Inbox)
         self.failovers: list[float] = []
         self.closed = False
 
@@ -247,7 +253,7 @@ class InferenceSession:
                 inputs = list(history)
                 for hop in route:
                     spans.append(await SpanSession.open(self.connection, hop, self.max_length, self.batch_size,
-                                                        self.priority, self.step_timeout, self.compress))
+                                                        self.priority, self.step_timeout, self.compress, self.alarm))
                     inputs = await self._replay(spans[-1], inputs)
                 return spans
             except Exception as e:
@@ -365,10 +371,14 @@ class InferenceSession:
             except Exception as e:
                 raise SpanFailure(index + offset, rows, e) from e
 
+        self.alarm.clear()
         await send(0, hidden)
+        # Pushed along the chain, the step comes back from every node, and only the last output, or a reply to act
+        # on, wakes this task: one wake per step instead of one per node. The first node's deadline still holds.
+        first_late = self.push and len(spans) > 1 and not await self._alarm(spans[0].timeout(tokens))
         for offset, span in enumerate(spans):
             try:
-                hidden, pushed = await span.receive(tokens)
+                hidden, pushed = await span.receive(tokens, 0.0 if first_late and offset == 0 else None)
             except Exception as e:
                 raise SpanFailure(index + offset, span.inputs[-1][1], e) from e
             if offset + 1 < len(spans):
@@ -377,6 +387,15 @@ class InferenceSession:
                 else:  # no push, or the node could not reach the next one: carry its output there ourselves
                     await send(offset + 1, hidden)
         return hidden
+
+    async def _alarm(self, timeout: float) -> bool:
+        """Wait for the alarm; False if it did not go off within timeout seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.alarm.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _replace(self, index: int, history: list[tuple[list[int], torch.Tensor]], wait: bool = True) -> None:
         """Put a new chain, with history replayed, in place of spans[index]. Without wait, missing blocks
