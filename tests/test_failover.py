@@ -46,6 +46,32 @@ def test_kill_9_mid_generation_after_a_long_prompt(llama, local_swarm):
     assert_same_tokens(tokens, expected, local)
 
 
+def test_a_frozen_first_node_counts_as_failed_after_the_step_timeout(llama, local_swarm):
+    """The client waits on the chain's last output while the first node's pushed one comes in unseen; a first node
+    that stops answering (SIGSTOP: its streams stay open) must still fail the step at its own deadline."""
+    path, local = llama
+    local_swarm.start_nodes(path, [(0, 2), (0, 2), (2, 4)], *FAST)
+    ids = prompt(30, seed=2)
+    expected = local.generate(ids, max_new_tokens=8, do_sample=False)
+    step_timeout = 4.0
+    with connect(local_swarm, path, step_timeout=step_timeout) as model, \
+            model.inference_session(max_length=40) as session:
+        tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
+        frozen = node_of(local_swarm, session, 0)
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            tokens = model.generate(tokens, max_new_tokens=5, do_sample=False)
+            elapsed = time.monotonic() - began
+        finally:
+            local_swarm.kill(frozen)
+        assert len(session.failovers) == 1
+        assert session.spans[0].hop.node.peer_id != frozen.peer_id
+        # the step waited out the first node's deadline once, not the whole chain's or more
+        assert step_timeout <= elapsed < 2 * step_timeout
+    assert_same_tokens(tokens, expected, local)
+
+
 def test_two_failures_in_a_row(llama, local_swarm):
     path, local = llama
     local_swarm.start_nodes(path, [(0, 2), (2, 4), (2, 4), (2, 4)], *FAST)
