@@ -42,6 +42,20 @@ def test_compression_bench_prints_one_json_line():
     assert all(0 < r["compressed_fraction"] < 1 and r["break_even_mbit_s"] > 0 for r in results.values())
 
 
+def test_timeline_stamps_a_step_through_the_chain_in_order():
+    figures = run_script(BENCH / "timeline.py", "--skip", "5", "--", sys.executable, str(BENCH / "step_cost.py"),
+                         "--sessions", "1", "--steps", "40")
+    assert figures["command_output"]["bench"] == "step_cost" and figures["steps_in_sequence"] >= 10
+    stages = [gap[0].split(" -> ")[0] for gap in figures["stages_us"]] + [figures["stages_us"][-1][0].split(" -> ")[1]]
+    assert stages[0] == "client: step" and stages[-1] == "client: step done"
+    # the client pushes to node0, which computes and pushes to node1, which computes and answers
+    chain = ["client: push", "node0: frame", "node0: submit", "node0: forward", "node0: launched",
+             "node0: forward done", "node0: push", "node1: frame", "node1: forward", "node1: forward done",
+             "node1: output"]
+    assert [stage for stage in stages if stage in chain] == chain
+    assert all(us >= 0 for _, us in figures["stages_us"]) and figures["first_to_last_us"] > 0
+
+
 @pytest.mark.slow  # failover itself is tests/test_failover.py's; this checks the script
 def test_failover_bench_prints_one_json_line():
     figures = run_script(BENCH / "failover.py", "--context", "300", "--rounds", "1")

@@ -1,0 +1,110 @@
+"""Where a decode step's time goes: when each stage of a step happens in the client and in every node.
+
+    python scripts/bench/timeline.py                     # batch-1 steps of one session through 2 CPU nodes
+    python scripts/bench/timeline.py -- python scripts/bench/gpu.py --contexts 128 --new-tokens 100 --sessions 1
+
+Runs a command (by default step_cost.py with one session) whose processes, client and nodes alike, load
+timeline_hook/sitecustomize.py: it stamps the stages below on one clock (CLOCK_MONOTONIC), in a file per process.
+Stages, in a step's order: the client's ``step`` and ``push`` (its frame to the first node) and ``pushed``
+(written); at each node ``frame`` (a push frame read and unpacked), ``submit`` (a step handed to the scheduler),
+``forward``, ``launched`` (the span's kernels queued, or computed on a CPU), ``forward done`` (its outputs on the
+host), ``push``/``pushed`` (to the next node) and ``output`` (to the client); the client's ``reply`` (a frame
+from a node) and ``step done``. A step runs from the client's ``step`` to its ``step done``; the steps that passed
+the most common sequence of stages give the median time between consecutive stages; steps of sessions that step
+at the same time overlap and are left out. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+def read_stamps(folder: Path) -> list[tuple[int, int, str]]:
+    """(ns, pid, stage) of every process, in time order."""
+    stamps = []
+    for path in folder.glob("*.txt"):
+        pid = int(path.stem)
+        for line in path.read_text().splitlines():
+            ns, stage = line.split(" ", 1)
+            stamps.append((int(ns), pid, stage))
+    return sorted(stamps)
+
+
+def name_processes(stamps: list[tuple[int, int, str]]) -> dict[int, str]:
+    """'client' for processes that step sessions; node0, node1... for the others, in the order they first read a
+    frame (their order in the chain, for a fixed chain)."""
+    names = {pid: "client" for _, pid, stage in stamps if stage == "step"}
+    nodes = [pid for _, pid, stage in stamps if stage == "frame" and pid not in names]
+    for i, pid in enumerate(dict.fromkeys(nodes)):
+        names[pid] = f"node{i}"
+    return names
+
+
+def stage_gaps(stamps: list[tuple[int, int, str]], skip: int) -> dict:
+    """Median µs between consecutive stages over the steps that share the most common sequence of stages. A step
+    is the stamps from a client's ``step`` to its ``step done``; steps that overlap others are left out."""
+    names = name_processes(stamps)
+    steps: list[list[tuple[int, str]]] = []
+    current: list[tuple[int, str]] | None = None
+    open_steps = 0
+    for ns, pid, stage in stamps:
+        if pid not in names:
+            continue
+        stepping = names[pid] == "client" and stage == "step"
+        if stepping:
+            open_steps += 1
+            current = [] if open_steps == 1 else None
+        if current is not None:
+            current.append((ns, f"{names[pid]}: {stage}"))
+        if names[pid] == "client" and stage == "step done":
+            open_steps = max(open_steps - 1, 0)
+            if open_steps == 0 and current is not None:
+                steps.append(current)
+            current = None
+    steps = steps[skip:]  # warm-up
+    if not steps:
+        raise SystemExit("no complete steps were stamped: did the command step a session?")
+    sequences = collections.Counter(tuple(stage for _, stage in step) for step in steps)
+    sequence, count = sequences.most_common(1)[0]
+    same = [step for step in steps if tuple(stage for _, stage in step) == sequence]
+    gaps = [[(b - a) / 1000 for (a, _), (b, _) in zip(step, step[1:])] for step in same]
+    return {"steps": len(steps), "steps_in_sequence": count,
+            "stages_us": [[f"{a} -> {b}", round(statistics.median(column), 1)]
+                          for a, b, column in zip(sequence, sequence[1:], zip(*gaps))],
+            "first_to_last_us": round(statistics.median((step[-1][0] - step[0][0]) / 1000 for step in same), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip", type=int, default=10, help="first steps left out (warm-up)")
+    parser.add_argument("command", nargs="*", help="the command to stamp (after --)")
+    args = parser.parse_args()
+    command = args.command or [sys.executable, str(BENCH / "step_cost.py"), "--sessions", "1", "--steps", "200"]
+
+    with tempfile.TemporaryDirectory(prefix="swarm-timeline-") as folder:
+        env = {**os.environ, "SWARM_TIMELINE_DIR": folder,
+               "PYTHONPATH": os.pathsep.join([str(BENCH / "timeline_hook"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+        if result.returncode:
+            raise SystemExit(f"{command} failed with exit code {result.returncode}")
+        lines = result.stdout.strip().splitlines()
+        try:
+            output = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            output = None
+        print(json.dumps({"bench": "timeline", "command": command, **stage_gaps(read_stamps(Path(folder)), args.skip),
+                          "command_output": output}))
+
+
+if __name__ == "__main__":
+    main()
