@@ -78,10 +78,13 @@ class Sequence:
 
 @dataclass(eq=False)
 class Step:
-    output: torch.Tensor  # [tokens in the step, hidden]
+    rows: int  # tokens in the step
     future: asyncio.Future
     arrived: float
     received_before: list[int]
+    # [rows, hidden]: a view of the rows that one forward computed when they are the whole output (a decode step),
+    # else a buffer the rows are copied into as they are computed
+    output: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -224,7 +227,7 @@ class Scheduler:
         page_keys[i] lists the token-hash chain of the full pages sequence i completes in this step; None
         means the client sent no hashes, which ends prefix sharing for the session.
         """
-        step = Step(torch.empty_like(hidden), asyncio.get_running_loop().create_future(), time.monotonic(),
+        step = Step(hidden.shape[0], asyncio.get_running_loop().create_future(), time.monotonic(),
                     [seq.received for seq in session.seqs])
         row = 0
         for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
@@ -433,11 +436,18 @@ class Scheduler:
     # ----- results -----
 
     def _emit(self, session: Session, seq: Sequence, position: int, rows: torch.Tensor) -> None:
-        """Copy the outputs of positions [position, position + len(rows)) that the current step returns."""
-        first = max(position, seq.out_start)
-        if first < position + rows.shape[0]:
-            out_row = seq.out_row + first - seq.out_start
-            session.step.output[out_row:out_row + position + rows.shape[0] - first] = rows[first - position:]
+        """Give the current step the outputs of positions [position, position + len(rows)) that it returns."""
+        step, first = session.step, max(position, seq.out_start)
+        count = position + rows.shape[0] - first
+        if count <= 0:
+            return
+        if step.output is None:
+            if count == step.rows:  # all of the step's output: no buffer, no copy
+                step.output = rows[first - position:]
+                return
+            step.output = rows.new_empty((step.rows, rows.shape[1]))
+        out_row = seq.out_row + first - seq.out_start
+        step.output[out_row:out_row + count] = rows[first - position:]
 
     def _complete(self, chunks: list[Chunk], out: torch.Tensor) -> None:
         page_size, row = self.pool.page_size, 0
