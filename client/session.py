@@ -102,10 +102,13 @@ class SpanSession:
 
     async def _reply(self, timeout: float | None) -> tuple[dict, torch.Tensor | None]:
         """The node's next reply to this session, and its rows if it is an output."""
-        if self.inbox.empty() and self.link.closed:
+        if not self.inbox.empty():  # after the chain's alarm, every node's output is here: no timer to arm
+            reply = self.inbox.get_nowait()
+        elif self.link.closed:
             raise self.link.error
-        async with asyncio.timeout(timeout):  # unlike wait_for, no task per reply
-            reply = await self.inbox.get()
+        else:
+            async with asyncio.timeout(timeout):  # unlike wait_for, no task per reply
+                reply = await self.inbox.get()
         if isinstance(reply, ConnectionError):
             raise reply
         reply, rows = reply if isinstance(reply, tuple) else (reply, None)
