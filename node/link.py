@@ -38,12 +38,12 @@ class ClientLink:
         with contextlib.suppress(ConnectionError):
             await write_frame(self.writer, *frame)
 
-    async def send_output(self, session_id: str, out: torch.Tensor, pushed: bool, compress: bool,
-                          draining: bool) -> None:
-        """Send a step's output with the others that finish in this turn; returns once it is written, so that a
-        session's replies keep their order."""
-        await self._frames.put(compress, ({"session": session_id, "rows": out.shape[0], "pushed": pushed}, out,
-                                          draining))
+    def send_output(self, session_id: str, out: torch.Tensor, pushed: bool, compress: bool,
+                    draining: bool) -> asyncio.Future:
+        """Send a step's output with the others that finish in this turn; the future is done once it is written (a
+        session's next reply waits for it, so that its replies keep their order)."""
+        return self._frames.put(compress, ({"session": session_id, "rows": out.shape[0], "pushed": pushed}, out,
+                                           draining))
 
     async def _send_outputs(self, compress: bool, outputs: list[tuple[dict, torch.Tensor, bool]]) -> None:
         self.sent.update(output_frames=1, outputs=len(outputs))

@@ -509,7 +509,7 @@ class Node:
             served = self._served(message.get("session"))
             if served is None or served.link is not link:
                 raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; open one first")
-            asyncio.create_task(self._run_step(served, message))  # the session's lock keeps its steps in order
+            asyncio.create_task(self._run_steps([(served, message, None)]))  # the session's lock keeps its steps in order
             return None
         if kind == "open":
             task = asyncio.create_task(self._open(link, message))  # it may queue for room: the stream goes on
@@ -609,8 +609,7 @@ class Node:
                     logger.info("ignoring a push from %s: %s", peer, e)
                     continue
                 self.pushes_received.update(push_frames=1, pushed_steps=len(steps))
-                for served, message, rows in steps:
-                    asyncio.create_task(self._run_step(served, message, rows))
+                asyncio.create_task(self._run_steps(steps))
         except (ProtocolError, ConnectionError) as e:
             logger.info("push stream from %s ended: %s", peer, e)
         finally:
@@ -639,26 +638,75 @@ class Node:
                 known.append((served, step, rows if finite or all_finite(rows) else _not_finite()))
         return known
 
-    async def _run_step(self, served: ClientSession, message: dict,
-                        hidden: torch.Tensor | RequestError | None = None) -> None:
-        """Compute a step, push its output to the next node if asked, and send it to the client. hidden: the step's
-        rows if they came decoded (pushed), or why they were refused."""
-        session = served.session
+    async def _run_steps(self, steps: list[tuple[ClientSession, dict, torch.Tensor | RequestError | None]]) -> None:
+        """Compute steps, push each output to the next node of its chain if asked, and send it to its client. Each
+        step comes with its rows if they came decoded (pushed), or why they were refused, or None (in its message).
+
+        The steps of a push frame run as one unit: submitted together, and the outputs of each forward pushed on
+        and sent together, so the node spends one task and a few wakes of it per frame instead of per step. A step
+        whose session still runs an earlier step waits for it in a unit of its own."""
+        running: list[tuple[ClientSession, dict, list[dict], asyncio.Future]] = []
+        try:
+            for served, message, hidden in steps:
+                if len(steps) > 1 and served.lock.locked():
+                    asyncio.create_task(self._run_steps([(served, message, hidden)]))
+                    continue
+                await served.lock.acquire()  # at once, unless a step waits for its session's previous one
+                try:
+                    step = await self._submit(served, message, hidden)
+                except Exception as e:
+                    try:
+                        await served.link.send(self._error_reply(e, served.session.peer, message))
+                    finally:
+                        served.lock.release()
+                    continue
+                running.append(step)
+            while running:
+                await asyncio.wait([running[0][3]])
+                done = [step for step in running if step[3].done()]
+                running = [step for step in running if not step[3].done()]
+                await self._answer_steps(done)
+        finally:
+            for served, *_ in running:
+                served.lock.release()
+
+    async def _submit(self, served: ClientSession, message: dict, hidden: torch.Tensor | RequestError | None
+                      ) -> tuple[ClientSession, dict, list[dict], asyncio.Future]:
+        """Check a step and hand it to the scheduler: (served, message, the rest of its chain, its output's future)."""
         served.last_active = time.monotonic()
-        async with served.lock:
-            try:
-                chain = self._push_chain(message.get("push"))
-                if hidden is None:
-                    hidden = await self._hidden(message.get("hidden"))
-                if isinstance(hidden, RequestError):
-                    raise hidden
-                out = await self._step(session, message, hidden)
-                pushed = bool(chain) and await self._push(served, chain, out, message["lengths"])
-            except Exception as e:
-                await served.link.send(self._error_reply(e, session.peer, message))
-                return
-            await served.link.send_output(session.id, out, pushed, served.compress,
-                                          self.state == NodeState.DRAINING)
+        chain = self._push_chain(message.get("push"))
+        if hidden is None:
+            hidden = await self._hidden(message.get("hidden"))
+        if isinstance(hidden, RequestError):
+            raise hidden
+        return served, message, chain, self._step(served.session, message, hidden)
+
+    async def _answer_steps(self, steps: list[tuple[ClientSession, dict, list[dict], asyncio.Future]]) -> None:
+        """Push the outputs of finished steps on, then send them (or the steps' errors) to their clients, and let
+        their sessions step again."""
+        try:
+            outputs = []
+            for served, message, chain, future in steps:
+                if future.cancelled():  # the session closed
+                    continue
+                if future.exception() is not None:
+                    await served.link.send(self._error_reply(future.exception(), served.session.peer, message))
+                    continue
+                out = future.result()
+                push = self.pusher.push(chain[0], out, message["lengths"], chain[1:], served.compress) if chain else None
+                outputs.append((served, chain, out, push))
+            sent = []
+            for served, chain, out, push in outputs:
+                pushed = push is not None and await push  # the first waits: the pushes of a forward share frames
+                if pushed:
+                    served.next_hop = (chain[0]["peer"], chain[0]["session"])
+                sent.append(served.link.send_output(served.session.id, out, pushed, served.compress,
+                                                    self.state == NodeState.DRAINING))
+            for output in sent:
+                await output
+        finally:
+            for served, *_ in steps:
+                served.lock.release()
 
     @staticmethod
     def _push_chain(chain: Any) -> list[dict]:
@@ -671,13 +719,6 @@ class Node:
             raise RequestError("bad_request", f"push must list up to {MAX_CHAIN_LENGTH} maps of peer, session and "
                                               "dtype")
         return chain
-
-    async def _push(self, served: ClientSession, chain: list[dict], out: torch.Tensor, lengths: list[int]) -> bool:
-        """Send the output to the next node as its step; False if it could not be sent (the client then sends it)."""
-        if not await self.pusher.push(chain[0], out, lengths, chain[1:], served.compress):
-            return False
-        served.next_hop = (chain[0]["peer"], chain[0]["session"])
-        return True
 
     def _load(self) -> dict[str, int]:
         """Sessions open and queued, and free cache pages: what clients route by (records and pings)."""
@@ -748,7 +789,8 @@ class Node:
             raise _not_finite()
         return hidden
 
-    async def _step(self, session: Session, message: dict, hidden: torch.Tensor) -> torch.Tensor:
+    def _step(self, session: Session, message: dict, hidden: torch.Tensor) -> asyncio.Future:
+        """Check a step's lengths and hand it to the scheduler; the future resolves to its output."""
         lengths = message.get("lengths")
         if not _valid_lengths(lengths) or len(lengths) != len(session.seqs):
             raise RequestError("bad_request", f"lengths must list {len(session.seqs)} non-negative integers")
@@ -764,8 +806,10 @@ class Node:
             raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
                                        "waiting here; retry when its steps finish")
         if sum(lengths) == 0:
-            return hidden
-        return await self.scheduler.submit(session, hidden, lengths, page_keys)
+            nothing = asyncio.get_running_loop().create_future()
+            nothing.set_result(hidden)
+            return nothing
+        return self.scheduler.submit(session, hidden, lengths, page_keys)
 
     def _page_keys(self, session: Session, page_hashes: Any, lengths: list[int]) -> list[list[bytes]] | None:
         """Check the token-hash chain of the pages each sequence completes in this step (None: not sent)."""

@@ -38,16 +38,18 @@ class Pusher:
         self._frames = TurnBatcher(self._send)  # by (peer, dtype, compressed, reachable directly)
         self._failed: dict[str, float] = {}  # peer -> when its last push failed
 
-    async def push(self, hop: dict, rows: torch.Tensor, lengths: list[int], rest: list[dict] | None,
-                   compress: bool = False) -> bool:
+    def push(self, hop: dict, rows: torch.Tensor, lengths: list[int], rest: list[dict] | None,
+             compress: bool = False) -> asyncio.Future:
         """Send rows as a step of hop's session (a chain entry: peer, session, dtype, host, page_hashes), whose
-        output the node pushes on along rest. False if it could not be sent."""
+        output the node pushes on along rest. The future says whether it was sent: False if that failed."""
         if time.monotonic() - self._failed.get(hop["peer"], -RETRY_SECONDS) < RETRY_SECONDS:
-            return False
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_result(False)
+            return refused
         step = {"session": hop["session"], "lengths": lengths, "page_hashes": hop.get("page_hashes"),
                 "push": rest or None}
-        return await self._frames.put((hop["peer"], hop["dtype"], compress, direct.reachable(hop.get("host"))),
-                                      (step, rows.to(protocol.DTYPES[hop["dtype"]])))
+        return self._frames.put((hop["peer"], hop["dtype"], compress, direct.reachable(hop.get("host"))),
+                                (step, rows.to(protocol.DTYPES[hop["dtype"]])))
 
     async def _send(self, key: tuple[str, str, bool, bool], steps: list[tuple[dict, torch.Tensor]]) -> bool:
         """Write one frame of the steps for a node; False if that failed."""

@@ -18,19 +18,20 @@ R = TypeVar("R")
 
 class TurnBatcher(Generic[K, T, R]):
     """Items put under one key in one turn of the event loop go to send(key, items) together, a turn later; each
-    put returns what that send returned (or raises what it raised)."""
+    put's future gets what that send returned (or raised)."""
 
     def __init__(self, send: Callable[[K, list[T]], Awaitable[R]]):
         self._send = send
         self._pending: dict[K, tuple[list[T], asyncio.Future]] = {}
 
-    async def put(self, key: K, item: T) -> R:
+    def put(self, key: K, item: T) -> asyncio.Future:
+        """Queue item; the future is shared by the items sent with it, so many puts cost their caller one wake."""
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = ([], asyncio.get_running_loop().create_future())
             asyncio.create_task(self._flush(key))  # runs after every coroutine that is ready in this turn
         pending[0].append(item)
-        return await pending[1]
+        return pending[1]
 
     async def _flush(self, key: K) -> None:
         items, sent = self._pending.pop(key)
