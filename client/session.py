@@ -130,14 +130,31 @@ class SpanSession:
         """Send a step; with push, the node sends its output on to push[0], which sends it on to push[1]...
 
         The step goes in one push frame with the steps that other sessions of this client send the same node in
-        this turn of the event loop, or on the client's stream to the node if that fails."""
+        this turn of the event loop. That frame is written a turn later, and the step does not wait for it: if it
+        fails, the step goes on the client's stream to the node, and if that fails too, the error comes to the
+        inbox as the node's reply would."""
         self.inputs.append((lengths, hidden))
-        if self.pusher is not None and await self.pusher.push(self.next_hop(page_hashes), hidden, lengths, push,
-                                                              self.compress):
+        if self.pusher is None:
+            await self._send_on_stream(hidden, lengths, page_hashes, push)
             return
-        await self.link.send(*await pack_rows("step", [hidden.to(self.wire_dtype)], self.compress,
-                                              session=self.session_id, lengths=lengths, page_hashes=page_hashes,
-                                              push=push))
+
+        def on_pushed(sent: asyncio.Future) -> None:
+            if not sent.result():  # e.g. a node that refuses push streams
+                asyncio.create_task(self._send_on_stream(hidden, lengths, page_hashes, push, report=True))
+
+        self.pusher.push(self.next_hop(page_hashes), hidden, lengths, push, self.compress).add_done_callback(on_pushed)
+
+    async def _send_on_stream(self, hidden: torch.Tensor, lengths: list[int], page_hashes: list[list[bytes]] | None,
+                              push: list[dict] | None, report: bool = False) -> None:
+        """Send a step on the client's stream to the node; report: put an error in the inbox instead of raising it."""
+        try:
+            await self.link.send(*await pack_rows("step", [hidden.to(self.wire_dtype)], self.compress,
+                                                  session=self.session_id, lengths=lengths, page_hashes=page_hashes,
+                                                  push=push))
+        except ConnectionError as e:
+            if not report:
+                raise
+            self.inbox.put_nowait(e)
 
     async def receive(self, tokens: int, timeout: float | None = None) -> tuple[torch.Tensor, bool]:
         """The output of this span's next step of `tokens` rows, and whether the node pushed it on; timeout: how long
