@@ -228,3 +228,30 @@ def test_closed_and_idle_sessions_return_their_pages(tiny_model, local_swarm):
         assert free_pages_become(model, total)  # 2 s without a frame: the node closed it
         with pytest.raises((NodeError, ConnectionError, protocol.ProtocolError)):
             run_coroutine(idle.step(torch.randn(1, hidden), [1]))
+
+
+def test_a_push_frame_with_two_steps_of_one_session_runs_them_in_order(llama_swarm):
+    """The steps of a push frame run together, but a session's second step waits for its first."""
+    _, model, _ = llama_swarm
+    records = run_coroutine(model.connection.records(model.swarm_model_name))
+    first = next(r for r in records if r.start == 0 and r.state == NodeState.ONLINE)
+    spans = [run_coroutine(SpanSession.open(model.connection, Hop(first, 0, 2), max_length=8, batch_size=1))
+             for _ in range(2)]
+    for span in spans:
+        span.pusher = None  # this test writes the push frame itself
+    rows = torch.randn(3, model.config.hidden_size)
+    reference, pushed_to = spans
+    expected = [run_coroutine(reference.step(rows[:2], [2])), run_coroutine(reference.step(rows[2:], [1]))]
+
+    async def push_frame() -> None:
+        _, writer = await model.connection.open_stream(first.peer_id, protocol.PUSH_HANDLER)
+        steps = [{"session": pushed_to.session_id, "lengths": [n], "page_hashes": None, "push": None} for n in (2, 1)]
+        await write_frame(writer, pack("steps", steps=steps, hidden=encode_tensor(rows)))
+        writer.close()
+
+    run_coroutine(push_frame())
+    for want in expected:
+        out, _ = run_coroutine(pushed_to.receive(want.shape[0]))
+        assert torch.equal(out, want)
+    for span in spans:
+        run_coroutine(span.close())
