@@ -43,8 +43,8 @@ def test_compression_bench_prints_one_json_line():
 
 
 def test_timeline_stamps_a_step_through_the_chain_in_order():
-    figures = run_script(BENCH / "timeline.py", "--skip", "5", "--", sys.executable, str(BENCH / "step_cost.py"),
-                         "--sessions", "1", "--steps", "40")
+    figures = run_script(BENCH / "timeline.py", "--skip", "5", "--window", "1000", "--", sys.executable,
+                         str(BENCH / "step_cost.py"), "--sessions", "1", "--steps", "40")
     assert figures["command_output"]["bench"] == "step_cost" and figures["steps_in_sequence"] >= 10
     stages = [gap[0].split(" -> ")[0] for gap in figures["stages_us"]] + [figures["stages_us"][-1][0].split(" -> ")[1]]
     assert stages[0] == "client: step" and stages[-1] == "client: step done"
@@ -54,6 +54,12 @@ def test_timeline_stamps_a_step_through_the_chain_in_order():
              "node1: output"]
     assert [stage for stage in stages if stage in chain] == chain
     assert all(us >= 0 for _, us in figures["stages_us"]) and figures["first_to_last_us"] > 0
+    # every node's forwards, and a window of the run's stamps in time order
+    assert all(figures["forwards"][node]["forwards"] >= 40 and figures["forwards"][node]["forward_us"] > 0
+               for node in ("node0", "node1"))
+    times = [ms for ms, _, _, _ in figures["window"]]
+    assert times == sorted(times) and {"client: step", "node0: forward", "node1: output"} <= {
+        f"{process}: {stage}" for _, process, stage, _ in figures["window"]}
 
 
 @pytest.mark.slow  # failover itself is tests/test_failover.py's; this checks the script

@@ -2,6 +2,7 @@
 
     python scripts/bench/timeline.py                     # batch-1 steps of one session through 2 CPU nodes
     python scripts/bench/timeline.py -- python scripts/bench/gpu.py --contexts 128 --new-tokens 100 --sessions 1
+    python scripts/bench/timeline.py --window 40 -- python scripts/bench/gpu.py --contexts 128 --sessions 64
 
 Runs a command (by default step_cost.py with one session) whose processes, client and nodes alike, load
 timeline_hook/sitecustomize.py: it stamps the stages below on one clock (CLOCK_MONOTONIC), in a file per process.
@@ -11,7 +12,9 @@ Stages, in a step's order: the client's ``step`` and ``push`` (its frame to the 
 host), ``push``/``pushed`` (to the next node) and ``output`` (to the client); the client's ``reply`` (a frame
 from a node) and ``step done``. A step runs from the client's ``step`` to its ``step done``; the steps that passed
 the most common sequence of stages give the median time between consecutive stages; steps of sessions that step
-at the same time overlap and are left out. Prints one JSON line.
+at the same time overlap and are left out. For many sessions, whose steps all overlap, it gives each node's median
+forward and the gap between its forwards, and with --window every stamp of a stretch of the run, in time order.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -84,9 +87,47 @@ def stage_gaps(stamps: list[tuple[int, int, str]], skip: int) -> dict:
             "first_to_last_us": round(statistics.median((step[-1][0] - step[0][0]) / 1000 for step in same), 1)}
 
 
+def forward_figures(stamps: list[tuple[int, int, str]]) -> dict:
+    """Per node: its forwards, and the median µs of one (launch to outputs on the host) and of the gap after it, in
+    which the node's loop serves streams (or waits for steps). With many sessions these show where a round goes."""
+    names = name_processes(stamps)
+    figures = {}
+    for pid, name in sorted(names.items(), key=lambda item: item[1]):
+        begun = [ns for ns, p, stage in stamps if p == pid and stage == "forward"]
+        ended = [ns for ns, p, stage in stamps if p == pid and stage == "forward done"]
+        pairs = list(zip(begun, ended))
+        if len(pairs) > 1:
+            figures[name] = {"forwards": len(pairs),
+                             "forward_us": round(statistics.median((b - a) / 1000 for a, b in pairs), 1),
+                             "gap_us": round(statistics.median((a - b) / 1000 for (_, b), (a, _) in zip(pairs, pairs[1:])), 1)}
+    return figures
+
+
+def window(stamps: list[tuple[int, int, str]], start: float, ms: float) -> list[list]:
+    """The stamps of every process in ms milliseconds from start (a fraction of the run's steps), as [ms since the
+    window's start, process, stage, times]: a stage that a process stamps several times in a row is one entry."""
+    names = name_processes(stamps)
+    steps = [ns for ns, _, stage in stamps if stage == "step"]
+    if not steps:
+        return []
+    began, events = steps[int(len(steps) * start)], []
+    for ns, pid, stage in stamps:
+        if ns < began or pid not in names:
+            continue
+        if ns > began + ms * 1e6:
+            break
+        if events and events[-1][1:3] == [names[pid], stage]:
+            events[-1][3] += 1
+        else:
+            events.append([round((ns - began) / 1e6, 3), names[pid], stage, 1])
+    return events
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip", type=int, default=10, help="first steps left out (warm-up)")
+    parser.add_argument("--window", type=float, metavar="MS", help="also list every stamp of this many milliseconds "
+                        "from 60%% into the run's steps: how the stages of many sessions' steps interleave")
     parser.add_argument("command", nargs="*", help="the command to stamp (after --)")
     args = parser.parse_args()
     command = args.command or [sys.executable, str(BENCH / "step_cost.py"), "--sessions", "1", "--steps", "200"]
@@ -102,7 +143,13 @@ def main() -> None:
             output = json.loads(lines[-1])
         except (IndexError, json.JSONDecodeError):
             output = None
-        print(json.dumps({"bench": "timeline", "command": command, **stage_gaps(read_stamps(Path(folder)), args.skip),
+        stamps = read_stamps(Path(folder))
+        try:
+            gaps = stage_gaps(stamps, args.skip)
+        except SystemExit:  # every step overlapped another: many sessions
+            gaps = {"steps": 0}
+        print(json.dumps({"bench": "timeline", "command": command, **gaps, "forwards": forward_figures(stamps),
+                          **({"window": window(stamps, 0.6, args.window)} if args.window else {}),
                           "command_output": output}))
 
 
