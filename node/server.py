@@ -674,12 +674,32 @@ class Node:
                       ) -> tuple[ClientSession, dict, list[dict], asyncio.Future]:
         """Check a step and hand it to the scheduler: (served, message, the rest of its chain, its output's future)."""
         served.last_active = time.monotonic()
+        session = served.session
         chain = self._push_chain(message.get("push"))
         if hidden is None:
             hidden = await self._hidden(message.get("hidden"))
         if isinstance(hidden, RequestError):
             raise hidden
-        return served, message, chain, self._step(served.session, message, hidden)
+        lengths = message.get("lengths")
+        if not _valid_lengths(lengths) or len(lengths) != len(session.seqs):
+            raise RequestError("bad_request", f"lengths must list {len(session.seqs)} non-negative integers")
+        if hidden.shape[0] != sum(lengths):
+            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
+                                             f"(tokens in this step, hidden size), got {list(hidden.shape)}")
+        for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
+            if seq.received + n > session.max_length:
+                raise RequestError("too_long", f"sequence {i} would reach {seq.received + n} tokens, beyond the "
+                                               f"session's max_length {session.max_length}")
+        page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
+        if self.scheduler.queued_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
+            raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
+                                       "waiting here; retry when its steps finish")
+        if sum(lengths) == 0:
+            output = asyncio.get_running_loop().create_future()
+            output.set_result(hidden)
+        else:
+            output = self.scheduler.submit(session, hidden, lengths, page_keys)
+        return served, message, chain, output
 
     async def _answer_steps(self, steps: list[tuple[ClientSession, dict, list[dict], asyncio.Future]]) -> None:
         """Push the outputs of finished steps on, then send them (or the steps' errors) to their clients, and let
@@ -788,28 +808,6 @@ class Node:
         if check_finite and not all_finite(hidden):
             raise _not_finite()
         return hidden
-
-    def _step(self, session: Session, message: dict, hidden: torch.Tensor) -> asyncio.Future:
-        """Check a step's lengths and hand it to the scheduler; the future resolves to its output."""
-        lengths = message.get("lengths")
-        if not _valid_lengths(lengths) or len(lengths) != len(session.seqs):
-            raise RequestError("bad_request", f"lengths must list {len(session.seqs)} non-negative integers")
-        if hidden.shape[0] != sum(lengths):
-            raise RequestError("bad_tensor", f"hidden states must have shape [{sum(lengths)}, {self.hidden_size}] "
-                                             f"(tokens in this step, hidden size), got {list(hidden.shape)}")
-        for i, (seq, n) in enumerate(zip(session.seqs, lengths)):
-            if seq.received + n > session.max_length:
-                raise RequestError("too_long", f"sequence {i} would reach {seq.received + n} tokens, beyond the "
-                                               f"session's max_length {session.max_length}")
-        page_keys = self._page_keys(session, message.get("page_hashes"), lengths)
-        if self.scheduler.queued_tokens(session.peer) + sum(lengths) > self.config.max_queued_tokens_per_peer:
-            raise RequestError("busy", f"a peer may have at most {self.config.max_queued_tokens_per_peer} tokens "
-                                       "waiting here; retry when its steps finish")
-        if sum(lengths) == 0:
-            nothing = asyncio.get_running_loop().create_future()
-            nothing.set_result(hidden)
-            return nothing
-        return self.scheduler.submit(session, hidden, lengths, page_keys)
 
     def _page_keys(self, session: Session, page_hashes: Any, lengths: list[int]) -> list[list[bytes]] | None:
         """Check the token-hash chain of the pages each sequence completes in this step (None: not sent)."""
