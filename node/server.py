@@ -662,7 +662,13 @@ class Node:
                     continue
                 running.append(step)
             while running:
-                await asyncio.wait([running[0][3]])
+                # awaited directly, this task wakes with the forward's end, before the scheduler's next forward (on a
+                # CPU node that holds the loop: a wake behind it would push this forward's outputs after the next's)
+                try:
+                    await running[0][3]
+                except (Exception, asyncio.CancelledError):  # the step failed, or its session closed: answered below
+                    if asyncio.current_task().cancelling():
+                        raise
                 done = [step for step in running if step[3].done()]
                 running = [step for step in running if not step[3].done()]
                 await self._answer_steps(done)
