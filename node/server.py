@@ -29,7 +29,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from aiohttp import web
@@ -133,6 +133,15 @@ class NodeConfig:
     announce_period: float = 10.0
     record_ttl: float = 30.0
     metrics_port: int | None = None  # serve Prometheus metrics at http://host:port/metrics
+
+
+class Submitted(NamedTuple):
+    """A step handed to the scheduler: its session, its message, the rest of its chain and its output's future."""
+
+    served: ClientSession
+    message: dict
+    chain: list[dict]
+    output: asyncio.Future
 
 
 class Node:
@@ -645,7 +654,7 @@ class Node:
         The steps of a push frame run as one unit: submitted together, and the outputs of each forward pushed on
         and sent together, so the node spends one task and a few wakes of it per frame instead of per step. A step
         whose session still runs an earlier step waits for it in a unit of its own."""
-        running: list[tuple[ClientSession, dict, list[dict], asyncio.Future]] = []
+        running: list[Submitted] = []
         try:
             for served, message, hidden in steps:
                 if len(steps) > 1 and served.lock.locked():
@@ -665,20 +674,20 @@ class Node:
                 # awaited directly, this task wakes with the forward's end, before the scheduler's next forward (on a
                 # CPU node that holds the loop: a wake behind it would push this forward's outputs after the next's)
                 try:
-                    await running[0][3]
+                    await running[0].output
                 except (Exception, asyncio.CancelledError):  # the step failed, or its session closed: answered below
                     if asyncio.current_task().cancelling():
                         raise
-                done = [step for step in running if step[3].done()]
-                running = [step for step in running if not step[3].done()]
+                done = [step for step in running if step.output.done()]
+                running = [step for step in running if not step.output.done()]
                 await self._answer_steps(done)
         finally:
-            for served, *_ in running:
-                served.lock.release()
+            for step in running:
+                step.served.lock.release()
 
     async def _submit(self, served: ClientSession, message: dict, hidden: torch.Tensor | RequestError | None
-                      ) -> tuple[ClientSession, dict, list[dict], asyncio.Future]:
-        """Check a step and hand it to the scheduler: (served, message, the rest of its chain, its output's future)."""
+                      ) -> Submitted:
+        """Check a step and hand it to the scheduler."""
         served.last_active = time.monotonic()
         session = served.session
         chain = self._push_chain(message.get("push"))
@@ -705,9 +714,9 @@ class Node:
             output.set_result(hidden)
         else:
             output = self.scheduler.submit(session, hidden, lengths, page_keys)
-        return served, message, chain, output
+        return Submitted(served, message, chain, output)
 
-    async def _answer_steps(self, steps: list[tuple[ClientSession, dict, list[dict], asyncio.Future]]) -> None:
+    async def _answer_steps(self, steps: list[Submitted]) -> None:
         """Push the outputs of finished steps on, then send them (or the steps' errors) to their clients, and let
         their sessions step again."""
         try:
@@ -731,8 +740,8 @@ class Node:
             for output in sent:
                 await output
         finally:
-            for served, *_ in steps:
-                served.lock.release()
+            for step in steps:
+                step.served.lock.release()
 
     @staticmethod
     def _push_chain(chain: Any) -> list[dict]:
