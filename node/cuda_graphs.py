@@ -54,14 +54,18 @@ class DecodeGraphs:
         for name, (shape, dtype) in shapes.items():
             self.offsets[name] = size
             size += -(-math.prod(shape) * dtype.itemsize // 256) * 256  # each aligned as an allocation would be
+        # Two pinned buffers, used in turn: the scheduler queues a step while the previous one may still wait for
+        # the device, and its upload with it.
         self.inputs = torch.zeros(size, dtype=torch.uint8, device=device)
-        self.host_inputs = torch.zeros(size, dtype=torch.uint8, pin_memory=True)
+        self.host_inputs = [torch.zeros(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self.meta, self.tables, self.hidden = (self._view(self.inputs, name, *shapes[name]) for name in shapes)
-        self.host = {name: self._view(self.host_inputs, name, *shapes[name]) for name in shapes}
-        self.host["meta"].copy_(DecodeBatch.host_inputs([], pool.page_size, largest, pool.scratch_page)[0])
-        self.host["tables"].fill_(pool.scratch_page)
-        self.inputs.copy_(self.host_inputs)
-        self.uploaded = torch.cuda.Event()  # recorded after a step's copies: the host buffers are free again
+        self.host = [{name: self._view(buffer, name, *shapes[name]) for name in shapes} for buffer in self.host_inputs]
+        for host in self.host:
+            host["meta"].copy_(DecodeBatch.host_inputs([], pool.page_size, largest, pool.scratch_page)[0])
+            host["tables"].fill_(pool.scratch_page)
+        self.inputs.copy_(self.host_inputs[0])
+        self.uploaded = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after a buffer's copy: it is free again
+        self.turn = 0  # the buffer the next step fills
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         began = time.perf_counter()
@@ -92,15 +96,17 @@ class DecodeGraphs:
         size = len(seqs)
         bucket = next(b for b in self.buckets if b >= size)
         meta, tables = DecodeBatch.host_inputs(seqs, self.pool.page_size, bucket, self.pool.scratch_page)
-        self.uploaded.synchronize()  # the previous step's copy is done (long since, when its outputs came back)
-        self.host["meta"][:, :bucket].copy_(meta)
-        self.host["tables"][:bucket, :tables.shape[1]].copy_(tables)
+        host, host_inputs, uploaded = self.host[self.turn], self.host_inputs[self.turn], self.uploaded[self.turn]
+        self.turn = 1 - self.turn
+        uploaded.synchronize()  # the copy two steps back is done (long since, when its outputs came back)
+        host["meta"][:, :bucket].copy_(meta)
+        host["tables"][:bucket, :tables.shape[1]].copy_(tables)
         on_host = hidden.device.type == "cpu"
         if on_host:
-            self.host["hidden"][:size].copy_(hidden)
+            host["hidden"][:size].copy_(hidden)
         end = self.offsets["hidden"] + (self.hidden[:size].nbytes if on_host else 0)
-        self.inputs[:end].copy_(self.host_inputs[:end], non_blocking=True)
-        self.uploaded.record()
+        self.inputs[:end].copy_(host_inputs[:end], non_blocking=True)
+        uploaded.record()
         if not on_host:
             self.hidden[:size].copy_(hidden)
         self.graphs[bucket].replay()

@@ -120,30 +120,63 @@ class Chunk:
     length: int
 
 
+def copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Start copying a CUDA tensor to pinned host memory: the host tensor, and an event that passes once it is
+    filled."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(tensor.device))
+    return host, copied
+
+
 async def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """Copy a CUDA tensor to pinned host memory, polling for the copy between turns of the event loop.
 
     Waiting in a thread instead would hand the GIL back and forth with the busy loop at every step, and each
     handoff can take the interpreter's 5 ms switch interval.
     """
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(tensor.device))
+    host, copied = copy_to_host(tensor)
     while not copied.query():
         await asyncio.sleep(0)
     return host
 
 
+@dataclass(eq=False)
+class Forward:
+    """A forward queued on the span's device (or computed, on a CPU): its chunks and, once it is done, its
+    outputs on the host."""
+
+    chunks: list[Chunk]
+    sessions: set[Session]
+    began: float
+    out: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None  # passes once out is filled; None when there is nothing to wait for
+    error: Exception | None = None
+
+    def done(self) -> bool:
+        """Whether its outputs are on the host; an error of the device fails the forward."""
+        try:
+            return self.copied is None or self.copied.query()
+        except Exception as e:
+            self.error = e
+            return True
+
+
 class Scheduler:
     def __init__(self, span: Span, pool: PagePool, *, max_batch_tokens: int = 512, max_batch_size: int = 64,
-                 overcommit: float = 2.0, swap_bytes: int = 0, queue_timeout: float = 60.0):
+                 overcommit: float = 2.0, swap_bytes: int = 0, queue_timeout: float = 60.0,
+                 max_in_flight: int | None = None):
         if max_batch_tokens <= max_batch_size:
             # decodes take at most max_batch_size tokens, so prefills always get part of every iteration
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_size ({max_batch_size})")
         self.span, self.pool = span, pool
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.overcommit, self.swap_bytes, self.queue_timeout = overcommit, swap_bytes, queue_timeout
+        # A GPU node queues the next forward while the device computes the last one: the host's work between two
+        # forwards (answering one, building the next) would otherwise leave the device idle. A CPU computes as it
+        # launches, so one at a time there.
+        self.max_in_flight = max_in_flight or (2 if span.device.type == "cuda" else 1)
         self.sessions: list[Session] = []
         self.waiting: deque[tuple[Session, asyncio.Future]] = deque()
         self.declared_pages = 0
@@ -151,7 +184,7 @@ class Scheduler:
         self.counters: Counter[str] = Counter()
         self._queued_tokens: Counter[str] = Counter()  # per peer: tokens of its steps not answered yet
         self._orders = itertools.count()
-        self._running: set[Session] = set()
+        self._in_flight: deque[Forward] = deque()  # oldest first: the device finishes them in order
         self._wake = asyncio.Event()
         self.busy = 0.0  # moving average of the share of time spent in forwards
         self._halving = False  # capping forwards at half of max_batch_size (see HALVE_BELOW)
@@ -203,8 +236,8 @@ class Scheduler:
         session.closed = True
         if session.step is not None and not session.step.future.done():
             session.step.future.cancel()
-        if session in self._running:
-            return  # _complete releases it
+        if session in self._computing():
+            return  # _finish releases it
         self._release(session)
 
     def _release(self, session: Session) -> None:
@@ -263,26 +296,52 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            await self._wake.wait()
             self._wake.clear()
-            while chunks := self._schedule():
-                hidden = torch.cat([c.seq.inputs(c.position, c.position + c.length) for c in chunks])
-                self._running = {c.session for c in chunks}
-                began = time.perf_counter()
-                try:
-                    out = await self._forward(chunks, hidden)
-                except Exception as e:  # a bug or a device error: these steps fail, the node goes on
-                    logger.exception("forward failed for sessions %s", [s.id for s in self._running])
-                    self._fail(chunks, e)
-                else:
-                    self._complete(chunks, out)
-                finally:
-                    self._count_forward(began)
-                    for session in self._running:
-                        if session.closed:
-                            self._release(session)
-                    self._running = set()
+            while len(self._in_flight) < self.max_in_flight and (chunks := self._schedule()):
+                self._launch(chunks)
+            if not self._in_flight:
+                await self._wake.wait()
+            elif await self._outputs_or_room(self._in_flight[0]):
+                self._finish(self._in_flight.popleft())
                 await asyncio.sleep(0)  # let the steps just answered send their next ones into the next iteration
+
+    async def _outputs_or_room(self, forward: Forward) -> bool:
+        """Wait until the forward is done (True), or until new steps may go into another forward meanwhile
+        (False). Polled between the loop's turns, as to_host does."""
+        while not forward.done():
+            if self._wake.is_set() and len(self._in_flight) < self.max_in_flight:
+                return False
+            await asyncio.sleep(0)
+        return True
+
+    def _launch(self, chunks: list[Chunk]) -> None:
+        """Queue a forward of the chunks on the span's device (a CPU computes it here, on the event loop)."""
+        forward = Forward(chunks, {c.session for c in chunks}, time.perf_counter())
+        try:
+            hidden = torch.cat([c.seq.inputs(c.position, c.position + c.length) for c in chunks])
+            session = chunks[0].session
+            out = self.span.forward(self.pool, hidden, [c.seq.cache for c in chunks], [c.length for c in chunks],
+                                    session.start, session.end).to(hidden.dtype)
+            if out.device.type == "cpu":
+                forward.out = out
+            else:
+                forward.out, forward.copied = copy_to_host(out)
+        except Exception as e:  # a bug or a device error: these steps fail in _finish, the node goes on
+            forward.error = e
+        self._in_flight.append(forward)
+
+    def _finish(self, forward: Forward) -> None:
+        """Answer the steps of a done forward."""
+        if forward.error is None:
+            self._complete(forward.chunks, forward.out)
+        else:
+            logger.error("forward failed for sessions %s", [s.id for s in forward.sessions], exc_info=forward.error)
+            self._fail(forward.chunks, forward.error)
+        # time from the previous forward's end, where they overlap: the share of time the device computed
+        self._count_forward(max(forward.began, self._last_forward_end))
+        for session in forward.sessions:
+            if session.closed:
+                self._release(session)
 
     def _count_forward(self, began: float) -> None:
         end = time.perf_counter()
@@ -293,19 +352,16 @@ class Scheduler:
         self._last_forward_end = end
         self._halving = self.busy < (HALVE_UNTIL if self._halving else HALVE_BELOW)
 
-    async def _forward(self, chunks: list[Chunk], hidden: torch.Tensor) -> torch.Tensor:
-        """The forward runs on the event loop: a CPU node needs the loop's cores for it anyway, and a GPU node
-        only launches kernels (or replays a graph) here, then serves streams until the device is done."""
-        session = chunks[0].session
-        out = self.span.forward(self.pool, hidden, [c.seq.cache for c in chunks], [c.length for c in chunks],
-                                session.start, session.end).to(hidden.dtype)
-        return out if out.device.type == "cpu" else await to_host(out)
+    def _computing(self) -> set[Session]:
+        """The sessions of forwards not done: their pages are being written and their steps wait for outputs."""
+        return set().union(*(forward.sessions for forward in self._in_flight))
 
     # ----- one iteration -----
 
     def _schedule(self) -> list[Chunk]:
+        in_flight = self._computing()  # a session's next rows wait for its forward on the way
         ready = [(s, seq) for s in self.sessions if s.step is not None and not s.step.future.done()
-                 for seq in s.seqs if seq.pending > 0]
+                 and s not in in_flight for seq in s.seqs if seq.pending > 0]
         if not ready:
             return []
         # One forward runs one range of blocks: the range of the oldest step, so no range starves.
@@ -380,10 +436,10 @@ class Scheduler:
             self.counters["prefix_pages_attached"] += 1
 
     def _place(self, chunk: Chunk, placed: list[Chunk], preempted: set[Session]) -> bool:
-        """Reserve the chunk's pages, preempting juniors that are not in this forward where the pool is dry."""
+        """Reserve the chunk's pages, preempting juniors that are in no forward where the pool is dry."""
         seq, end = chunk.seq, chunk.position + chunk.length
         while not self.pool.can_reserve(seq.cache, end):
-            victim = self._pick_victim(chunk.session, {c.session for c in placed})
+            victim = self._pick_victim(chunk.session, {c.session for c in placed} | self._computing())
             if victim is None:
                 return False
             self._preempt(victim)

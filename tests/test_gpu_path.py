@@ -63,6 +63,34 @@ def test_decode_steps_match_the_full_model(family, tiny_model):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_decode_step_queued_behind_another_gets_its_own_outputs(tiny_model):
+    """A GPU node queues a forward while the previous one computes: two decode steps of different sequences,
+    replayed from the same graph while the device is still busy with earlier work (neither step's inputs uploaded
+    yet), each give their own sequences' outputs."""
+    path = tiny_model("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    span = Span(path, 0, 4, DEVICE)
+    pool = PagePool(span.layer_count, 32, 4, span.kv_heads, span.head_dim, torch.float32, DEVICE)
+    span.capture_graphs(pool, max_batch_size=4, max_length=32)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 500, (n,), generator=generator) for n in (7, 10, 5, 12)]
+    expected = [reference_hidden_states(reference, ids) for ids in prompts]
+    seqs = [SequenceCache() for _ in prompts]
+    for seq, (inputs, _) in zip(seqs, expected):  # prefill all but the last token, eagerly
+        pool.reserve(seq, len(inputs) - 1)
+        span.forward(pool, inputs[:-1].to(DEVICE), [seq], [len(inputs) - 1])
+    for seq in seqs:
+        pool.reserve(seq, seq.length + 1)
+    last = [inputs[-1:] for inputs, _ in expected]
+    torch.cuda._sleep(100_000_000)  # tens of ms of device work ahead of both steps
+    first = span.forward(pool, torch.cat(last[:2]), seqs[:2], [1, 1])
+    second = span.forward(pool, torch.cat(last[2:]), seqs[2:], [1, 1])
+    got = torch.cat([first, second]).cpu()
+    want = torch.cat([outputs[-1:] for _, outputs in expected])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_bfloat16_swarm_matches_local_transformers(family, tiny_model, local_swarm):
     """GPU nodes and client in bfloat16 against the local bfloat16 model on the same GPU: several sessions

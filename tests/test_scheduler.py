@@ -80,28 +80,50 @@ def assert_matches(outputs, expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_concurrent_sessions_share_forwards_and_match_the_model(model):
+def queued_behind(scheduler: Scheduler, monkeypatch) -> list[int]:
+    """Records, for each forward the scheduler launches, how many were on the way before it."""
+    queued, original = [], scheduler._launch
+
+    def recording_launch(chunks):
+        queued.append(len(scheduler._in_flight))
+        original(chunks)
+
+    monkeypatch.setattr(scheduler, "_launch", recording_launch)
+    return queued
+
+
+# A GPU node queues a forward while the previous one computes (max_in_flight 2); on a CPU, which computes as it
+# launches, two in flight still run the same bookkeeping: a session on the way is neither scheduled nor preempted.
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_concurrent_sessions_share_forwards_and_match_the_model(model, in_flight, monkeypatch):
     span, reference = model
     ids, expected = prompts(reference, [10, 13, 17, 26, 40, 33])
-    scheduler = make_scheduler(span, num_pages=128, max_batch_tokens=48)
+    scheduler = make_scheduler(span, num_pages=128, max_batch_tokens=48, max_in_flight=in_flight)
+    queued = queued_behind(scheduler, monkeypatch)
     prefill = [len(x) - 8 for x in ids]  # then 8 decode steps each
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, p)
                                for x, (inp, _), p in zip(ids, expected, prefill)))
     assert_matches(outputs, expected)
+    assert max(queued) == in_flight - 1
     steps = sum(1 + 8 for _ in ids)
     assert scheduler.counters["forwards"] < steps, "steps of different sessions were never packed together"
     assert scheduler.pool.free_pages == 128 and not scheduler.sessions
 
 
+@pytest.mark.parametrize("in_flight", [1, 2])
 @pytest.mark.parametrize("swap", [False, True])
-def test_preempted_sessions_resume_with_unchanged_outputs(model, swap):
+def test_preempted_sessions_resume_with_unchanged_outputs(model, swap, in_flight, monkeypatch):
     span, reference = model
     ids, expected = prompts(reference, [18, 20, 22, 19, 21, 23], seed=1)
-    # 6 sessions of ~6 pages each over a pool of 14 pages: admitted by overcommit, preempted to make room
-    scheduler = make_scheduler(span, num_pages=14, overcommit=3.0, swap_bytes=2**30 if swap else 0)
+    # 6 sessions of ~6 pages each over a pool of 14 pages: admitted by overcommit, preempted to make room; in
+    # forwards of at most 4, so that another forward can be launched while one is on the way
+    scheduler = make_scheduler(span, num_pages=14, overcommit=3.0, swap_bytes=2**30 if swap else 0,
+                               max_batch_size=4, max_in_flight=in_flight)
+    queued = queued_behind(scheduler, monkeypatch)
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, 8)
                                for x, (inp, _) in zip(ids, expected)))
     assert_matches(outputs, expected)
+    assert max(queued) == in_flight - 1
     assert scheduler.counters["preemptions"] > 0
     assert scheduler.counters["swapped_out" if swap else "dropped"] == scheduler.counters["preemptions"]
     assert scheduler.pool.free_pages == 14 and scheduler.swap_used == 0
@@ -173,13 +195,13 @@ def test_when_more_steps_are_ready_than_a_forward_takes_the_oldest_go_first(mode
     scheduler = make_scheduler(span, num_pages=64, max_batch_size=4)
     sessions = [new_session(16) for _ in ids]
     forwards = []
-    original = scheduler._forward
+    original = scheduler._launch
 
-    async def recording_forward(chunks, hidden):
+    def recording_launch(chunks):
         forwards.append({sessions.index(c.session) for c in chunks})
-        return await original(chunks, hidden)
+        original(chunks)
 
-    monkeypatch.setattr(scheduler, "_forward", recording_forward)
+    monkeypatch.setattr(scheduler, "_launch", recording_launch)
     outputs = run(scheduler, *(generate(scheduler, s, x, inp, 1) for s, x, (inp, _) in zip(sessions, ids, expected)))
     assert_matches(outputs, expected)
     for i in range(len(sessions)):

@@ -89,7 +89,8 @@ def stage_gaps(stamps: list[tuple[int, int, str]], skip: int) -> dict:
 
 def forward_figures(stamps: list[tuple[int, int, str]]) -> dict:
     """Per node: its forwards, and the median µs of one (launch to outputs on the host) and of the gap after it, in
-    which the node's loop serves streams (or waits for steps). With many sessions these show where a round goes."""
+    which the node's loop serves streams (or waits for steps); negative where the next forward was queued before
+    this one was done. With many sessions these show where a round goes."""
     names = name_processes(stamps)
     figures = {}
     for pid, name in sorted(names.items(), key=lambda item: item[1]):

@@ -23,7 +23,8 @@ STAGES = {
     "client.link": [("NodeLink._route", "reply", None)],
     "swarm.push": [("Pusher._send", "push", "pushed")],
     "node.server": [("Node._pushed_steps", "frame", None)],
-    "node.scheduler": [("Scheduler.submit", "submit", None), ("Scheduler._forward", "forward", "forward done")],
+    "node.scheduler": [("Scheduler.submit", "submit", None), ("Scheduler._launch", "forward", None),
+                       ("Scheduler._finish", "forward done", None)],
     "node.span": [("Span.forward", None, "launched")],
     "node.link": [("ClientLink._send_outputs", "output", None)],
 }
