@@ -1,5 +1,6 @@
 """Benchmarks under scripts/bench run end to end and print one JSON line of figures."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -60,6 +61,23 @@ def test_timeline_stamps_a_step_through_the_chain_in_order():
     times = [ms for ms, _, _, _ in figures["window"]]
     assert times == sorted(times) and {"client: step", "node0: forward", "node1: output"} <= {
         f"{process}: {stage}" for _, process, stage, _ in figures["window"]}
+    assert 0 <= figures["window_idle_share"] <= 1
+
+
+def test_timeline_counts_the_time_no_node_had_a_forward_on_its_way():
+    """Two nodes' forwards, from their kernels queued to their outputs on the host, overlap in 10-50 ns and one
+    more runs in 60-70 ns: of a window of 100 ns, 50 had none on its way. A forward launched before the window
+    counts from its start."""
+    spec = importlib.util.spec_from_file_location("timeline", BENCH / "timeline.py")
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    client, node0, node1 = 1, 2, 3
+    stamps = [(0, client, "step"), (0, node0, "frame"), (1, node0, "forward"), (10, node0, "launched"),
+              (5, node1, "frame"), (15, node1, "forward"), (20, node1, "launched"), (30, node0, "forward done"),
+              (50, node1, "forward done"), (55, node0, "forward"), (60, node0, "launched"),
+              (70, node0, "forward done"), (80, client, "step done")]
+    assert timeline.idle_share(sorted(stamps), 0, 100) == 0.5
+    assert timeline.idle_share(sorted(stamps), 25, 125) == 0.65  # 25-50 and 60-70 busy
 
 
 @pytest.mark.slow  # failover itself is tests/test_failover.py's; this checks the script

@@ -13,7 +13,8 @@ host), ``push``/``pushed`` (to the next node) and ``output`` (to the client); th
 from a node) and ``step done``. A step runs from the client's ``step`` to its ``step done``; the steps that passed
 the most common sequence of stages give the median time between consecutive stages; steps of sessions that step
 at the same time overlap and are left out. For many sessions, whose steps all overlap, it gives each node's median
-forward and the gap between its forwards, and with --window every stamp of a stretch of the run, in time order.
+forward and the gap between its forwards, and with --window every stamp of a stretch of the run, in time order,
+and the share of that stretch in which no node had a forward on its way (nodes on one GPU: its idle time).
 Prints one JSON line.
 """
 
@@ -104,14 +105,17 @@ def forward_figures(stamps: list[tuple[int, int, str]]) -> dict:
     return figures
 
 
-def window(stamps: list[tuple[int, int, str]], start: float, ms: float) -> list[list]:
-    """The stamps of every process in ms milliseconds from start (a fraction of the run's steps), as [ms since the
-    window's start, process, stage, times]: a stage that a process stamps several times in a row is one entry."""
-    names = name_processes(stamps)
+def window_start(stamps: list[tuple[int, int, str]], start: float) -> int | None:
+    """The ns of the step that start (a fraction of the run's steps) into the run began; None without steps."""
     steps = [ns for ns, _, stage in stamps if stage == "step"]
-    if not steps:
-        return []
-    began, events = steps[int(len(steps) * start)], []
+    return steps[int(len(steps) * start)] if steps else None
+
+
+def window(stamps: list[tuple[int, int, str]], began: int, ms: float) -> list[list]:
+    """The stamps of every process in ms milliseconds from began, as [ms since then, process, stage, times]: a
+    stage that a process stamps several times in a row is one entry."""
+    names = name_processes(stamps)
+    events = []
     for ns, pid, stage in stamps:
         if ns < began or pid not in names:
             continue
@@ -124,11 +128,38 @@ def window(stamps: list[tuple[int, int, str]], start: float, ms: float) -> list[
     return events
 
 
+def idle_share(stamps: list[tuple[int, int, str]], began: int, ended: int) -> float:
+    """The share of [began, ended) ns in which no node had a forward on its way, from its kernels queued
+    (``launched``) to its outputs on the host: where the nodes share one GPU, time it had no work of theirs."""
+    names = name_processes(stamps)
+    launching, on_the_way = collections.Counter(), collections.Counter()
+    busy, busy_since = 0, None
+    for ns, pid, stage in stamps:
+        if names.get(pid, "client") == "client":
+            continue
+        ns = min(max(ns, began), ended)
+        if stage == "forward":
+            launching[pid] += 1
+        elif stage == "launched" and launching[pid]:
+            launching[pid] -= 1
+            if not sum(on_the_way.values()):
+                busy_since = ns
+            on_the_way[pid] += 1
+        elif stage == "forward done" and on_the_way[pid]:
+            on_the_way[pid] -= 1
+            if not sum(on_the_way.values()):
+                busy += ns - busy_since
+    if sum(on_the_way.values()):
+        busy += ended - busy_since
+    return round(1 - busy / (ended - began), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip", type=int, default=10, help="first steps left out (warm-up)")
     parser.add_argument("--window", type=float, metavar="MS", help="also list every stamp of this many milliseconds "
-                        "from 60%% into the run's steps: how the stages of many sessions' steps interleave")
+                        "from 60%% into the run's steps: how the stages of many sessions' steps interleave, and the share of that time in "
+                        "which no node had a forward on its way (on one shared GPU: the device's idle time)")
     parser.add_argument("command", nargs="*", help="the command to stamp (after --)")
     args = parser.parse_args()
     command = args.command or [sys.executable, str(BENCH / "step_cost.py"), "--sessions", "1", "--steps", "200"]
@@ -149,8 +180,11 @@ def main() -> None:
             gaps = stage_gaps(stamps, args.skip)
         except SystemExit:  # every step overlapped another: many sessions
             gaps = {"steps": 0}
-        print(json.dumps({"bench": "timeline", "command": command, **gaps, "forwards": forward_figures(stamps),
-                          **({"window": window(stamps, 0.6, args.window)} if args.window else {}),
+        began = window_start(stamps, 0.6)
+        seen = {"window": window(stamps, began, args.window),
+                "window_idle_share": idle_share(stamps, began, began + int(args.window * 1e6))
+                } if args.window and began is not None else {}
+        print(json.dumps({"bench": "timeline", "command": command, **gaps, "forwards": forward_figures(stamps), **seen,
                           "command_output": output}))
 
 
