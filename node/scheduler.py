@@ -391,7 +391,7 @@ class Scheduler:
             chunk = Chunk(session, seq, seq.cache.length, length)
             # a step that gets no pages waits for a senior session to finish or step; the steps behind it, which
             # may be those senior ones, still get their turn in this forward
-            if self._place(chunk, chunks, preempted):
+            if self._place(chunk, chunks, preempted, in_flight):
                 chunks.append(chunk)
                 computing.update(keys)
                 budget -= length
@@ -435,11 +435,12 @@ class Scheduler:
             self._emit(session, seq, index * page_size, shared.outputs)
             self.counters["prefix_pages_attached"] += 1
 
-    def _place(self, chunk: Chunk, placed: list[Chunk], preempted: set[Session]) -> bool:
-        """Reserve the chunk's pages, preempting juniors that are in no forward where the pool is dry."""
+    def _place(self, chunk: Chunk, placed: list[Chunk], preempted: set[Session], in_flight: set[Session]) -> bool:
+        """Reserve the chunk's pages, preempting juniors that are in no forward (this one, or one on its way) where
+        the pool is dry."""
         seq, end = chunk.seq, chunk.position + chunk.length
         while not self.pool.can_reserve(seq.cache, end):
-            victim = self._pick_victim(chunk.session, {c.session for c in placed} | self._computing())
+            victim = self._pick_victim(chunk.session, {c.session for c in placed} | in_flight)
             if victim is None:
                 return False
             self._preempt(victim)

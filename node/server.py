@@ -518,7 +518,8 @@ class Node:
             served = self._served(message.get("session"))
             if served is None or served.link is not link:
                 raise RequestError("unknown_session", f"unknown session {message.get('session')!r}; open one first")
-            asyncio.create_task(self._run_steps([(served, message, None)]))  # the session's lock keeps its steps in order
+            # the session's lock keeps its steps in order
+            asyncio.create_task(self._run_steps([(served, message, None)]))
             return None
         if kind == "open":
             task = asyncio.create_task(self._open(link, message))  # it may queue for room: the stream goes on
@@ -728,7 +729,8 @@ class Node:
                     await served.link.send(self._error_reply(future.exception(), served.session.peer, message))
                     continue
                 out = future.result()
-                push = self.pusher.push(chain[0], out, message["lengths"], chain[1:], served.compress) if chain else None
+                push = (self.pusher.push(chain[0], out, message["lengths"], chain[1:], served.compress) if chain
+                        else None)
                 outputs.append((served, chain, out, push))
             sent = []
             for served, chain, out, push in outputs:

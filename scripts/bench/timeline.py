@@ -99,9 +99,10 @@ def forward_figures(stamps: list[tuple[int, int, str]]) -> dict:
         ended = [ns for ns, p, stage in stamps if p == pid and stage == "forward done"]
         pairs = list(zip(begun, ended))
         if len(pairs) > 1:
+            gaps = [(a - b) / 1000 for (_, b), (a, _) in zip(pairs, pairs[1:])]
             figures[name] = {"forwards": len(pairs),
                              "forward_us": round(statistics.median((b - a) / 1000 for a, b in pairs), 1),
-                             "gap_us": round(statistics.median((a - b) / 1000 for (_, b), (a, _) in zip(pairs, pairs[1:])), 1)}
+                             "gap_us": round(statistics.median(gaps), 1)}
     return figures
 
 
@@ -158,8 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip", type=int, default=10, help="first steps left out (warm-up)")
     parser.add_argument("--window", type=float, metavar="MS", help="also list every stamp of this many milliseconds "
-                        "from 60%% into the run's steps: how the stages of many sessions' steps interleave, and the share of that time in "
-                        "which no node had a forward on its way (on one shared GPU: the device's idle time)")
+                        "from 60%% into the run's steps: how the stages of many sessions' steps interleave, and the "
+                        "share of that time in which no node had a forward on its way (on one shared GPU: the "
+                        "device's idle time)")
     parser.add_argument("command", nargs="*", help="the command to stamp (after --)")
     args = parser.parse_args()
     command = args.command or [sys.executable, str(BENCH / "step_cost.py"), "--sessions", "1", "--steps", "200"]
