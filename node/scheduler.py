@@ -130,18 +130,6 @@ def copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
     return host, copied
 
 
-async def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Copy a CUDA tensor to pinned host memory, polling for the copy between turns of the event loop.
-
-    Waiting in a thread instead would hand the GIL back and forth with the busy loop at every step, and each
-    handoff can take the interpreter's 5 ms switch interval.
-    """
-    host, copied = copy_to_host(tensor)
-    while not copied.query():
-        await asyncio.sleep(0)
-    return host
-
-
 @dataclass(eq=False)
 class Forward:
     """A forward queued on the span's device (or computed, on a CPU): its chunks and, once it is done, its
@@ -307,7 +295,8 @@ class Scheduler:
 
     async def _outputs_or_room(self, forward: Forward) -> bool:
         """Wait until the forward is done (True), or until new steps may go into another forward meanwhile
-        (False). Polled between the loop's turns, as to_host does."""
+        (False). Polled between the loop's turns: waiting in a thread instead would hand the GIL back and forth
+        with the busy loop at every step, and each handoff can take the interpreter's 5 ms switch interval."""
         while not forward.done():
             if self._wake.is_set() and len(self._in_flight) < self.max_in_flight:
                 return False

@@ -119,7 +119,7 @@ class HeadBatcher:
         return future
 
     async def _flush(self) -> None:
-        from node.scheduler import to_host
+        from node.scheduler import copy_to_host
 
         pending, self.pending = self.pending, []
         try:
@@ -128,7 +128,10 @@ class HeadBatcher:
                 last = torch.cat([h if h.shape[1] == 1 else h[:, -1:] for h, _ in pending]).view(len(pending), -1)
                 hidden = last.pin_memory().to("cuda", non_blocking=True)
                 embedded = self.embed(self.head(self.norm(hidden)).argmax(-1))
-            rows = (await to_host(embedded)).view(len(pending), 1, 1, -1).unbind()
+            host, copied = copy_to_host(embedded)
+            while not copied.query():  # polled between the loop's turns, as the node's scheduler does
+                await asyncio.sleep(0)
+            rows = host.view(len(pending), 1, 1, -1).unbind()
         except Exception as e:  # fail the sessions instead of leaving them waiting
             for _, future in pending:
                 future.set_exception(e)
