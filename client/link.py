@@ -109,7 +109,8 @@ class NodeLink:
             for output, rows in zip(outputs, hidden.split([output["rows"] for output in outputs]), strict=True):
                 inbox = self.inboxes.get(output["session"])
                 if inbox is not None:  # else the session closed meanwhile
-                    inbox.put_nowait(({**output, "draining": draining}, rows))
+                    output["draining"] = draining
+                    inbox.put_nowait((output, rows))
         elif "request" in message:
             answer = self._requests.get(message["request"])
             if answer is not None and not answer.done():

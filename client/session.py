@@ -208,6 +208,7 @@ class InferenceSession:
         self.page_chains: dict[int, list[list[bytes]]] = {}
         self.spans: list[SpanSession] = []
         self.alarm = asyncio.Event()  # set by the chain's replies that a step must act on (client.link.Inbox)
+        self.late = False  # the alarm went off because the step's first node did not answer in time
         self.failovers: list[float] = []
         self.closed = False
 
@@ -414,19 +415,17 @@ class InferenceSession:
         waiting at once in one loop, on a 2-core host)."""
         if self.alarm.is_set():
             return True
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            self.alarm.set()
-
-        timer = asyncio.get_running_loop().call_later(timeout, expire)
+        self.late = False
+        timer = asyncio.get_running_loop().call_later(timeout, self._too_late)
         try:
             await self.alarm.wait()
         finally:
             timer.cancel()
-        return not expired
+        return not self.late
+
+    def _too_late(self) -> None:
+        self.late = True
+        self.alarm.set()
 
     async def _replace(self, index: int, history: list[tuple[list[int], torch.Tensor]], wait: bool = True) -> None:
         """Put a new chain, with history replayed, in place of spans[index]. Without wait, missing blocks
