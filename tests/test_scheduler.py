@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import reference_hidden_states
 from node import scheduler as scheduler_module
 from node.kv_cache import PagePool
-from node.scheduler import AdmissionError, Scheduler, Sequence, Session
+from node.scheduler import AdmissionError, Chunk, Scheduler, Sequence, Session
 from node.span import Span
 from swarm.protocol import page_hash
 
@@ -80,16 +80,16 @@ def assert_matches(outputs, expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def queued_behind(scheduler: Scheduler, monkeypatch) -> list[int]:
-    """Records, for each forward the scheduler launches, how many were on the way before it."""
-    queued, original = [], scheduler._launch
+def record_launches(scheduler: Scheduler, monkeypatch) -> list[tuple[int, list[Chunk]]]:
+    """Records each forward the scheduler launches: how many were on the way before it, and its chunks."""
+    launches, original = [], scheduler._launch
 
     def recording_launch(chunks):
-        queued.append(len(scheduler._in_flight))
+        launches.append((len(scheduler._in_flight), chunks))
         original(chunks)
 
     monkeypatch.setattr(scheduler, "_launch", recording_launch)
-    return queued
+    return launches
 
 
 # A GPU node queues a forward while the previous one computes (max_in_flight 2); on a CPU, which computes as it
@@ -99,12 +99,12 @@ def test_concurrent_sessions_share_forwards_and_match_the_model(model, in_flight
     span, reference = model
     ids, expected = prompts(reference, [10, 13, 17, 26, 40, 33])
     scheduler = make_scheduler(span, num_pages=128, max_batch_tokens=48, max_in_flight=in_flight)
-    queued = queued_behind(scheduler, monkeypatch)
+    launches = record_launches(scheduler, monkeypatch)
     prefill = [len(x) - 8 for x in ids]  # then 8 decode steps each
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, p)
                                for x, (inp, _), p in zip(ids, expected, prefill)))
     assert_matches(outputs, expected)
-    assert max(queued) == in_flight - 1
+    assert max(queued for queued, _ in launches) == in_flight - 1
     steps = sum(1 + 8 for _ in ids)
     assert scheduler.counters["forwards"] < steps, "steps of different sessions were never packed together"
     assert scheduler.pool.free_pages == 128 and not scheduler.sessions
@@ -119,11 +119,11 @@ def test_preempted_sessions_resume_with_unchanged_outputs(model, swap, in_flight
     # forwards of at most 4, so that another forward can be launched while one is on the way
     scheduler = make_scheduler(span, num_pages=14, overcommit=3.0, swap_bytes=2**30 if swap else 0,
                                max_batch_size=4, max_in_flight=in_flight)
-    queued = queued_behind(scheduler, monkeypatch)
+    launches = record_launches(scheduler, monkeypatch)
     outputs = run(scheduler, *(generate(scheduler, new_session(len(x)), x, inp, 8)
                                for x, (inp, _) in zip(ids, expected)))
     assert_matches(outputs, expected)
-    assert max(queued) == in_flight - 1
+    assert max(queued for queued, _ in launches) == in_flight - 1
     assert scheduler.counters["preemptions"] > 0
     assert scheduler.counters["swapped_out" if swap else "dropped"] == scheduler.counters["preemptions"]
     assert scheduler.pool.free_pages == 14 and scheduler.swap_used == 0
@@ -194,16 +194,10 @@ def test_when_more_steps_are_ready_than_a_forward_takes_the_oldest_go_first(mode
     ids, expected = prompts(reference, [16] * 6, seed=10)
     scheduler = make_scheduler(span, num_pages=64, max_batch_size=4)
     sessions = [new_session(16) for _ in ids]
-    forwards = []
-    original = scheduler._launch
-
-    def recording_launch(chunks):
-        forwards.append({sessions.index(c.session) for c in chunks})
-        original(chunks)
-
-    monkeypatch.setattr(scheduler, "_launch", recording_launch)
+    launches = record_launches(scheduler, monkeypatch)
     outputs = run(scheduler, *(generate(scheduler, s, x, inp, 1) for s, x, (inp, _) in zip(sessions, ids, expected)))
     assert_matches(outputs, expected)
+    forwards = [{sessions.index(c.session) for c in chunks} for _, chunks in launches]
     for i in range(len(sessions)):
         took = [k for k, held in enumerate(forwards) if i in held]
         assert len(took) == 16 and max(b - a for a, b in zip([-1] + took, took)) <= 2, (i, forwards)
