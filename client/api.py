@@ -5,7 +5,8 @@
 Serves /v1/models, /v1/completions and /v1/chat/completions (the tokenizer's chat template), with
 `stream: true` as server-sent events, temperature, top_p, max_tokens and stop. Every request generates in a
 worker thread with its own inference session through the swarm (DistributedModelForCausalLM.generate), so
-concurrent requests share the swarm's nodes; tokens reach the event loop as they are chosen. Errors come in
+concurrent requests share the swarm's nodes, and their decode steps share the client's forward
+(client/batching.py); tokens reach the event loop as they are chosen. Errors come in
 OpenAI's format: {"error": {"message", "type", "param", "code"}}.
 """
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH_SIZES = 8  # graphs kept; the oldest batch size's are dropped for a new one
+MAX_GRAPH_BATCH = 64  # larger batches run eagerly: their graphs' buffers grow with the batch, their gain does not
 
 
 class StepGraphs:
@@ -63,22 +63,23 @@ class StepGraphs:
         torch.cuda.current_stream(device).wait_stream(stream)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The hidden states the swarm receives for input_ids [batch, 1] at positions [batch, 1]."""
+        """The hidden states the swarm receives for input_ids [rows, 1] at positions [rows, 1], rows <= batch."""
         return self._replay(self.before, [(self.ids, input_ids), (self.positions, positions)], self.hidden)
 
     def head(self, swarm_output: torch.Tensor) -> torch.Tensor:
-        """The logits [batch, 1, vocab] of the swarm's output [batch, 1, hidden_size]."""
+        """The logits [rows, 1, vocab] of the swarm's output [rows, 1, hidden_size], rows <= batch."""
         return self._replay(self.after, [(self.swarm_output, swarm_output)], self.logits)
 
     def _replay(self, graph: torch.cuda.CUDAGraph, inputs: list[tuple[torch.Tensor, torch.Tensor]],
                 output: torch.Tensor) -> torch.Tensor:
+        rows = len(inputs[0][1])  # the rows past them compute from stale inputs, and nobody reads them
         with self.lock:
             stream = torch.cuda.current_stream(output.device)
             stream.wait_event(self.copied)
             for buffer, values in inputs:
-                buffer.copy_(values)
+                buffer[:rows].copy_(values)
             graph.replay()
-            result = output.clone()
+            result = output[:rows].clone()
             self.copied.record(stream)
         return result
 
@@ -117,7 +118,9 @@ class _Split:
 
 
 class ClientGraphs:
-    """StepGraphs per batch size, captured when a batch size first decodes; none after a capture failed."""
+    """StepGraphs per batch size, a power of two that smaller batches pad to (the client batches the steps of
+    concurrent generate() calls, whose count changes every step: client/batching.py), captured when a batch
+    size first decodes; none after a capture failed."""
 
     def __init__(self, forward: Callable[..., Any], swarm_layers: SwarmLayers, hidden_size: int, dtype: torch.dtype,
                  device: torch.device):
@@ -127,9 +130,11 @@ class ClientGraphs:
         self.failed = False
         self.lock = threading.Lock()
 
-    def get(self, batch: int) -> StepGraphs | None:
+    def get(self, rows: int) -> StepGraphs | None:
+        """The graphs that decode steps of ``rows`` sequences replay, or None where they run eagerly."""
+        batch = 1 << (rows - 1).bit_length()
         with self.lock:
-            if self.failed:
+            if self.failed or batch > MAX_GRAPH_BATCH:
                 return None
             if batch not in self.graphs:
                 try:
@@ -140,7 +145,5 @@ class ClientGraphs:
                     logger.warning("decode steps run the client's part eagerly: its forward cannot be captured in "
                                    "a CUDA graph (%s: %s)", type(e).__name__, e)
                     return None
-                if len(self.graphs) == MAX_BATCH_SIZES:
-                    del self.graphs[next(iter(self.graphs))]
                 self.graphs[batch] = graphs
             return self.graphs[batch]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client.batching import StepBatcher
 from client.generation import decode, lean_settings, run_inline
 from client.graphs import ClientGraphs
 from client.remote import SwarmConnection, run_coroutine
@@ -99,6 +101,7 @@ class DistributedModelForCausalLM:
     session_options: dict
     swarm_layers: SwarmLayers
     client_graphs: ClientGraphs | None
+    step_batcher: StepBatcher
 
     @classmethod
     def from_pretrained(cls, path: str | Path, initial_peers: Sequence[str] = PUBLIC_INITIAL_PEERS, *,
@@ -146,6 +149,7 @@ class DistributedModelForCausalLM:
         model._detect_layer_output_convention()
         model.client_graphs = (ClientGraphs(model._family_forward, model.swarm_layers, config.hidden_size, dtype,
                                             model.device) if cuda_graphs and model.device.type == "cuda" else None)
+        model.step_batcher = StepBatcher(model._family_forward, model.swarm_layers, model.client_graphs)
         model.connection = SwarmConnection(initial_peers, swarm_key=swarm_key)
         return model
 
@@ -182,8 +186,9 @@ class DistributedModelForCausalLM:
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """transformers' generate(), through a session of its own unless one is open. Plain greedy and sampled
-        decoding runs client/generation.py's shorter loop instead, with the same results; with client graphs it
-        runs on the client's event loop, which then also calls the streamer and stopping criteria."""
+        decoding runs client/generation.py's shorter loop instead, with the same results, on the client's event
+        loop (which then also calls the streamer and stopping criteria): there the decode steps of concurrent
+        calls run as one batch (client/batching.py)."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         settings = None if args else lean_settings(self.generation_config, input_ids,
                                                    {k: v for k, v in kwargs.items() if k != "input_ids"})
@@ -194,10 +199,9 @@ class DistributedModelForCausalLM:
                                              batch_size=input_ids.shape[0])
         with session:
             if settings is not None:
-                lean = (kwargs.get("attention_mask"), settings, kwargs.get("streamer"), kwargs.get("stopping_criteria"))
-                if self.client_graphs is None:
-                    return run_inline(decode(self._last_logits, input_ids, *lean))
-                return run_coroutine(decode(self._graph_last_logits, input_ids, *lean))
+                step = functools.partial(self._decode_step, self.swarm_layers.run.session)
+                return run_coroutine(decode(step, input_ids, kwargs.get("attention_mask"), settings,
+                                            kwargs.get("streamer"), kwargs.get("stopping_criteria")))
             # Nodes hold the cache; transformers passes the whole sequence each step and forward keeps only new tokens.
             return super().generate(inputs, *args, **{**kwargs, "use_cache": False})
 
@@ -261,17 +265,15 @@ class DistributedModelForCausalLM:
         with torch.no_grad():
             return self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
 
-    async def _graph_last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """decode()'s step on the client's event loop, where the swarm's networking runs: a decode step replays
-        the client graphs around the session's astep with no hand-off between threads (they cost 0.6-0.9 ms
-        of a ~10 ms token on an H200 host); other steps run forward in a worker thread."""
-        session = self.swarm_layers.run.session  # the caller's context travels with the coroutine
+    async def _decode_step(self, session: InferenceSession, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+        """decode()'s step on the client's event loop, where the swarm's networking runs: a decode step joins
+        the batch of concurrent calls' steps, which with client graphs runs without a hand-off between threads
+        (they cost 0.6-0.9 ms of a ~10 ms token on an H200 host); other steps run forward in a worker thread."""
         new_lengths, positions, token_ids = self._new_tokens(session, input_ids, attention_mask)
-        graphs = self.client_graphs.get(len(new_lengths)) if positions.shape[1] == 1 else None
-        if graphs is None:
+        if positions.shape[1] > 1:
             return await asyncio.to_thread(run_inline, self._last_logits(input_ids, attention_mask))
-        hidden = graphs.embed(input_ids[:, -1:], positions)
-        return graphs.head(await session.astep(hidden, new_lengths, token_ids))[:, -1]
+        return await self.step_batcher.logits(session, input_ids[:, -1:], positions, new_lengths, token_ids)
 
     def _family_forward(self, **inputs) -> CausalLMOutputWithPast:
         """The family's own forward of one decode step, as client graphs capture it."""

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
 from client.remote import run_coroutine
-from client.session import SpanSession
+from client.session import InferenceSession, SpanSession
 from conftest import assert_same_tokens
 from swarm.routing import Hop
 
@@ -49,9 +49,40 @@ def test_twelve_concurrent_sessions_match_local_greedy(tiny_model, local_swarm):
                                                      model_name_in_swarm="concurrent-llama") as model:
         outputs = generate_concurrently(model, prompts, new_tokens=16)
         stats = node_stats(model)
+        batcher = model.step_batcher
     assert_all_match_local(outputs, prompts, local, 16)
     for node in stats.values():  # 12 prefills and 12 x 15 decodes per node, far fewer forwards
         assert node["forwards"] < 12 * 16 and node["sessions"] == 0 and node["pages_used"] == 0
+    # the client's part of the decode steps, too: the calls' steps shared its forwards
+    assert batcher.rows == 12 * 15 and batcher.forwards < batcher.rows / 2
+
+
+def test_a_step_that_fails_in_a_shared_forward_fails_only_its_own_call(tiny_model, local_swarm):
+    """Decode steps taken in one event-loop turn run the client's part as one forward: a step whose session
+    refuses it (a token past its max_length) gets that error, and the other step gets the local model's logits."""
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--model-name", "shared-forward-llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor([[5, 17, 42, 7, 99]])
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="shared-forward-llama") as model:
+        def session(max_length):
+            return InferenceSession(model.connection, model.swarm_model_name, model.num_blocks, max_length)
+
+        with session(8) as roomy, session(4) as full, torch.no_grad():
+            for s in (roomy, full):  # llama's embeddings are the decoder stack's input
+                s.step(model.get_input_embeddings()(prompt[:, :4]))
+
+            async def steps_in_one_turn():
+                return await asyncio.gather(*(model.step_batcher.logits(s, prompt[:, 4:], torch.tensor([[4]]), [1], [[99]])
+                                              for s in (roomy, full)), return_exceptions=True)
+
+            logits, error = run_coroutine(steps_in_one_turn())
+            assert (roomy.lengths, full.lengths) == ([5], [4])
+        assert model.step_batcher.forwards == 1 and model.step_batcher.rows == 2
+    assert isinstance(error, ValueError) and "max_length 4" in str(error)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, local(prompt).logits[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_a_pool_for_four_sessions_serves_sixteen_with_preemptions(tiny_model, local_swarm):

@@ -197,3 +197,29 @@ def test_a_client_whose_forward_waits_for_the_host_decodes_eagerly(family, tiny_
         tokens = model.generate(ids, max_new_tokens=10, do_sample=False)
         assert model.client_graphs.failed and not model.client_graphs.graphs
     assert_same_tokens(tokens, local.generate(ids, max_new_tokens=10, do_sample=False), local)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_concurrent_generate_calls_share_the_client_graphs(tiny_model, local_swarm):
+    """generate() calls at once run their decode steps through the client's graphs together, a batch of three
+    rows padded to the graphs of four: each call decodes the local model's tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from client import DistributedModelForCausalLM
+
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 4)], "--model-name", "graphs-concurrent", "--no-compile")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    prompts = [torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(n)).to("cuda") for n in (5, 9, 13)]
+
+    def greedy(model, ids):
+        return model.generate(ids, max_new_tokens=12, do_sample=False)
+
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="graphs-concurrent", device="cuda") as model:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outputs = list(pool.map(lambda ids: greedy(model, ids), prompts))
+        batcher = model.step_batcher
+        assert batcher.rows == 3 * 11 and batcher.forwards < batcher.rows and 4 in model.client_graphs.graphs
+    for ids, tokens in zip(prompts, outputs):
+        assert_same_tokens(tokens, greedy(local, ids), local)
