@@ -65,7 +65,10 @@ class StepBatcher:
         return await step.logits
 
     async def _run(self) -> None:
-        steps, self.pending = self.pending, []
+        steps = [step for step in self.pending if not step.logits.done()]  # left out: calls cancelled meanwhile
+        self.pending = []
+        if not steps:
+            return
         try:
             ids = torch.cat([step.input_ids for step in steps])
             positions = torch.cat([step.positions for step in steps])
@@ -103,8 +106,11 @@ class StepBatcher:
         """Each step's rows of hidden [batch, 1, hidden_size] through its session, concurrently; their outputs
         on the host, zeros for the rows of a step that failed (its error is kept for its call)."""
         rows = hidden.cpu().split([len(step.new_lengths) for step in steps])
-        outputs = await asyncio.gather(*(step.session.astep(x, step.new_lengths, step.token_ids)
-                                         for step, x in zip(steps, rows)), return_exceptions=True)
+        tasks = [asyncio.ensure_future(step.session.astep(x, step.new_lengths, step.token_ids))
+                 for step, x in zip(steps, rows)]
+        for step, task in zip(steps, tasks):  # an interrupted call (Ctrl-C) stops its session's step
+            step.logits.add_done_callback(lambda logits, task=task: logits.cancelled() and task.cancel())
+        outputs = await asyncio.gather(*tasks, return_exceptions=True)
         for step, out in zip(steps, outputs):
             if isinstance(out, BaseException):
                 step.error = out

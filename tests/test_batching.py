@@ -1,6 +1,7 @@
 """Many concurrent sessions through a real 2-node swarm: batching, oversubscription and prefix sharing stay exact."""
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -74,8 +75,8 @@ def test_a_step_that_fails_in_a_shared_forward_fails_only_its_own_call(tiny_mode
                 s.step(model.get_input_embeddings()(prompt[:, :4]))
 
             async def steps_in_one_turn():
-                return await asyncio.gather(*(model.step_batcher.logits(s, prompt[:, 4:], torch.tensor([[4]]), [1], [[99]])
-                                              for s in (roomy, full)), return_exceptions=True)
+                return await asyncio.gather(*(last_token_step(model, s, prompt) for s in (roomy, full)),
+                                            return_exceptions=True)
 
             logits, error = run_coroutine(steps_in_one_turn())
             assert (roomy.lengths, full.lengths) == ([5], [4])
@@ -83,6 +84,42 @@ def test_a_step_that_fails_in_a_shared_forward_fails_only_its_own_call(tiny_mode
     assert isinstance(error, ValueError) and "max_length 4" in str(error)
     with torch.no_grad():
         torch.testing.assert_close(logits, local(prompt).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_cancelled_call_stops_its_own_step_in_a_shared_forward(tiny_model, local_swarm):
+    """A generate() call interrupted while it waits for its step (Ctrl-C) takes no step when its forward has not
+    begun, and stops its session's step when it has; the other call's step goes on."""
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--model-name", "cancelled-llama")
+    prompt = torch.tensor([[5, 17, 42, 7, 99]])
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="cancelled-llama") as model:
+        batcher = model.step_batcher
+        sessions = [InferenceSession(model.connection, model.swarm_model_name, model.num_blocks, 8) for _ in range(4)]
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for s in sessions:
+                stack.enter_context(s).step(model.get_input_embeddings()(prompt[:, :4]))
+
+            async def cancel_one(kept, cancelled, in_flight: bool):
+                kept, cancelled = (asyncio.ensure_future(last_token_step(model, s, prompt)) for s in (kept, cancelled))
+                forwards = batcher.forwards
+                await asyncio.sleep(0)  # both steps wait for their forward
+                while in_flight and batcher.forwards == forwards:
+                    await asyncio.sleep(0)
+                cancelled.cancel()
+                await kept
+                return cancelled.cancelled()
+
+            assert run_coroutine(cancel_one(*sessions[:2], in_flight=False))
+            assert [s.lengths for s in sessions[:2]] == [[5], [4]] and batcher.rows == 1
+            assert run_coroutine(cancel_one(*sessions[2:], in_flight=True))
+            assert [s.lengths for s in sessions[2:]] == [[5], [4]] and batcher.rows == 3
+
+
+def last_token_step(model, session, prompt):
+    """The logits of prompt's last token, stepped through session as a decode step of the model's batcher."""
+    n = prompt.shape[1] - 1
+    return model.step_batcher.logits(session, prompt[:, n:], torch.tensor([[n]]), [1], [prompt[0, n:].tolist()])
 
 
 def test_a_pool_for_four_sessions_serves_sixteen_with_preemptions(tiny_model, local_swarm):
