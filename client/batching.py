@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from client.graphs import ClientGraphs
-from client.remote import run_coroutine
+from client.remote import in_forward_thread, run_coroutine
 
 if TYPE_CHECKING:
     from client.model import SwarmLayers
@@ -79,7 +79,7 @@ class StepBatcher:
                 out = await self._sessions(steps, hidden)
                 logits = graphs.head(out.pin_memory().to(hidden.device, non_blocking=True))
             else:
-                logits = await asyncio.to_thread(self._eager, steps, ids, positions)
+                logits = await in_forward_thread(self._eager, steps, ids, positions)
         except asyncio.CancelledError:
             for step in steps:
                 step.logits.cancel()

@@ -9,7 +9,6 @@ greedy and sampled decoding a shorter loop with the same results (client/generat
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import functools
@@ -25,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.batching import StepBatcher
 from client.generation import decode, lean_settings, run_inline
 from client.graphs import ClientGraphs
-from client.remote import SwarmConnection, run_coroutine
+from client.remote import SwarmConnection, in_forward_thread, run_coroutine
 from client.session import InferenceSession
 from swarm.bootstrap import PUBLIC_INITIAL_PEERS
 from swarm.checkpoint import (
@@ -272,7 +271,7 @@ class DistributedModelForCausalLM:
         (they cost 0.6-0.9 ms of a ~10 ms token on an H200 host); other steps run forward in a worker thread."""
         new_lengths, positions, token_ids = self._new_tokens(session, input_ids, attention_mask)
         if positions.shape[1] > 1:
-            return await asyncio.to_thread(run_inline, self._last_logits(input_ids, attention_mask))
+            return await in_forward_thread(run_inline, self._last_logits(input_ids, attention_mask))
         return await self.step_batcher.logits(session, input_ids[:, -1:], positions, new_lengths, token_ids)
 
     def _family_forward(self, **inputs) -> CausalLMOutputWithPast:

@@ -7,11 +7,14 @@ The client's networking runs on one background uvloop event loop per process; sy
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import gc
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +66,18 @@ def _settle_heap() -> None:
     if not _heap_frozen:
         _heap_frozen = True
         gc.freeze()
+
+
+# Threads for forwards whose decoder stack waits on the client's event loop (client/batching.py, prefill steps).
+# Not the loop's default executor: the loop's own coroutines need that (to compress large tensors), and forwards
+# waiting on the loop would fill it. Idle threads are reused, so there are as many as forwards wait at once.
+_forward_threads = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="swarm-client-forward")
+
+
+async def in_forward_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a thread that may wait on the client's event loop, in the caller's context."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(_forward_threads, call)
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:

@@ -12,6 +12,7 @@ from client import DistributedModelForCausalLM
 from client.remote import run_coroutine
 from client.session import InferenceSession, SpanSession
 from conftest import assert_same_tokens
+from swarm import protocol
 from swarm.routing import Hop
 
 PAGE_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # K and V x 2 layers x 16 tokens x 2 kv heads x head dim 16 x fp32
@@ -121,6 +122,21 @@ def last_token_step(model, session, prompt):
     n = prompt.shape[1] - 1
     return model.step_batcher.logits(session, prompt[:, n:], torch.tensor([[n]]), [1], [prompt[0, n:].tolist()])
 
+
+
+def test_more_concurrent_calls_than_the_client_loop_has_threads_finish(tiny_model, local_swarm, monkeypatch):
+    """40 calls at once, more than any event loop's default executor has threads (32 at most), with every
+    hidden state compressed in a thread: forwards that wait on the client's loop take none of the threads the
+    loop needs for that, so all calls finish, with the local model's tokens."""
+    path = tiny_model("llama")
+    local_swarm.start_nodes(path, [(0, 2), (2, 4)], "--model-name", "many-calls-llama")
+    monkeypatch.setattr(protocol, "THREAD_BYTES", 0)  # the client compresses even a decode step in a thread
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([8 + i % 5 for i in range(40)], seed=4)
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers,
+                                                     model_name_in_swarm="many-calls-llama", compress=True) as model:
+        outputs = generate_concurrently(model, prompts, new_tokens=4)
+    assert_all_match_local(outputs, prompts, local, 4)
 
 def test_a_pool_for_four_sessions_serves_sixteen_with_preemptions(tiny_model, local_swarm):
     path = tiny_model("llama")

@@ -5,8 +5,9 @@
 
 One client process opens N inference sessions and decodes them as N concurrent coroutines on its event
 loop (InferenceSession.astep), each greedily generating --new-tokens after a --prompt-tokens prompt of its
-own, with the model's embeddings, final norm and head (a llama-like checkpoint). Coroutines rather than
-threads: 16 threads each running generate() spend most of their CPU contending for the GIL. Prints one
+own, with the model's embeddings, final norm and head (a llama-like checkpoint). Coroutines stepping their
+sessions cost the client least per token, so the nodes' batching shows (concurrent generate() calls batch
+their steps too, client/batching.py, but each also runs its own decode loop). Prints one
 JSON line: decoded tokens/s over all sessions per concurrency (prefill excluded), the speedup over one
 session, and the nodes' pages in use vs tokens held while every session still holds its cache.
 """
