@@ -12,14 +12,12 @@ transformers' generate().
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-T = TypeVar("T")
 
 LEAN_SETTINGS = frozenset({"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
                            "top_p", "eos_token_id", "pad_token_id"})
@@ -72,7 +70,7 @@ async def decode(last_logits: Callable[[torch.Tensor, torch.Tensor], Awaitable[t
     streamer and extra stopping criteria; returns the prompts and their new tokens, where a model has an EOS
     token each row padded after it ended. last_logits(input_ids, attention_mask) runs the tokens the open
     session has not seen and returns the last position's logits [batch, vocab]: a coroutine, so that the loop
-    can run on the client's event loop (client/model.py), or in the caller's thread through run_inline."""
+    runs on the client's event loop (client/model.py), where concurrent calls' steps are batched."""
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     eos = torch.tensor(settings["eos_token_id"], dtype=torch.long, device=device)
@@ -116,13 +114,3 @@ async def decode(last_logits: Callable[[torch.Tensor, torch.Tensor], Awaitable[t
         streamer.end()
     return input_ids
 
-
-def run_inline(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run in this thread a coroutine that awaits nothing that suspends, such as decode over steps that the
-    caller's thread runs: without an event loop, which would cost a hand-off per step."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise RuntimeError("the coroutine waited for an event loop: run it on one")

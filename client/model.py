@@ -22,7 +22,7 @@ from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.batching import StepBatcher
-from client.generation import decode, lean_settings, run_inline
+from client.generation import decode, lean_settings
 from client.graphs import ClientGraphs
 from client.remote import SwarmConnection, in_forward_thread, run_coroutine
 from client.session import InferenceSession
@@ -259,8 +259,8 @@ class DistributedModelForCausalLM:
         token_ids = [row[width - n:] for row, n in zip(input_ids[:, -width:].tolist(), new_lengths)]
         return new_lengths, positions, token_ids
 
-    async def _last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """decode()'s step in the caller's thread: forward, which waits on the client's event loop for the swarm."""
+    def _forward_last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A step of decode() in a forward thread: forward, which waits on the client's event loop for the swarm."""
         with torch.no_grad():
             return self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
 
@@ -271,7 +271,7 @@ class DistributedModelForCausalLM:
         (they cost 0.6-0.9 ms of a ~10 ms token on an H200 host); other steps run forward in a worker thread."""
         new_lengths, positions, token_ids = self._new_tokens(session, input_ids, attention_mask)
         if positions.shape[1] > 1:
-            return await in_forward_thread(run_inline, self._last_logits(input_ids, attention_mask))
+            return await in_forward_thread(self._forward_last_logits, input_ids, attention_mask)
         return await self.step_batcher.logits(session, input_ids[:, -1:], positions, new_lengths, token_ids)
 
     def _family_forward(self, **inputs) -> CausalLMOutputWithPast:

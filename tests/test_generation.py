@@ -13,7 +13,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from client.generation import decode, lean_settings, run_inline
+from client.generation import decode, lean_settings
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 90, 41, 7], [12, 3, 77, 64, 9, 21, 50]])
 
@@ -40,12 +40,12 @@ def local(tiny_model):
 
 
 def local_decode(model, prompt, attention_mask, settings, *streamer_and_criteria):
-    """decode() in this thread with steps that run the whole sequence through a local model."""
+    """decode() with steps that run the whole sequence through a local model."""
     async def last_logits(ids, mask):
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
 
-    return run_inline(decode(last_logits, prompt, attention_mask, settings, *streamer_and_criteria))
+    return asyncio.run(decode(last_logits, prompt, attention_mask, settings, *streamer_and_criteria))
 
 
 def first_greedy_token(local, row: int, step: int) -> int:
@@ -136,7 +136,3 @@ def test_other_settings_go_to_transformers_generate(local):
     assert lean_settings(local.generation_config, padded, dict(plain, pad_token_id=0,
                                                                attention_mask=torch.ones_like(padded))) is not None
 
-
-def test_run_inline_refuses_a_coroutine_that_waits_for_an_event_loop():
-    with pytest.raises(RuntimeError, match="event loop"):
-        run_inline(asyncio.sleep(0))
